@@ -1,0 +1,29 @@
+# Two commands do everything on a fresh machine: `make train` and `make test`.
+# Both first create .venv from requirements.txt (once; re-run only when requirements.txt changes).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/base
+PYTEST_ARGS ?=
+
+.PHONY: setup train test clean-venv
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+# The embedded default: prepares the pairs and plan stores if missing, trains, validates.
+train: setup
+	$(PY) -m fape_jax.train --config=configs/base.py --workdir=$(WORKDIR)
+
+# pytest exit code 5 means "no tests collected": that is a failure here, not a pass.
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+clean-venv:
+	rm -rf $(VENV)
