@@ -1,0 +1,120 @@
+"""Orbax checkpoints of the train state together with the Grain iterator.
+
+One `ocp.CheckpointManager` in `WORKDIR/checkpoints` with two items: `state` (a pytree of arrays:
+trainable parameters, optimiser states, discriminator, step, RNG) and `data` (the Grain iterator,
+one JSON per process). Saves are atomic (Orbax writes to a temporary folder and renames it), happen
+every `save_every` steps, on preemption (SIGTERM/SIGINT) and at the end; the last `keep` are kept.
+Restoring targets an abstract state whose leaves carry the *current* mesh's shardings, so a
+checkpoint written on 8 devices lands on 1 device or on a 2x2 mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from fape_jax.errors import FapeError
+
+
+class Checkpointer:
+  """Save/restore the train state and the data iterator as one step."""
+
+  def __init__(self, directory: str | epath.Path, *, save_every: int, keep: int,
+               read_only: bool = False):
+    self.directory = epath.Path(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=max(1, save_every), create=not read_only,
+        read_only=read_only)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iter=None, *, force: bool = False) -> bool:
+    """Saves if `step` is on the interval (or `force`); blocks until the save is complete."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    self._manager.wait_until_finished()
+    return saved
+
+  def restore(self, abstract_state: Any, data_iter=None, *, step: int | None = None):
+    """Restores `step` (default: the newest that reads back), returns (step, state).
+
+    A step that fails to read (a truncated or corrupt folder) is skipped with a warning and the
+    previous one is tried, so one bad write never strands a run. Returns (None, None) when the
+    directory holds no checkpoint.
+    """
+    steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+    if step is not None and step not in self.all_steps():
+      raise FapeError(f"No checkpoint for step {step} in {self.directory}; "
+                      f"available steps: {self.all_steps() or 'none'}.")
+    errors = []
+    for s in steps:
+      items = {"state": ocp.args.StandardRestore(abstract_state)}
+      if data_iter is not None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+      try:
+        restored = self._manager.restore(s, args=ocp.args.Composite(**items))
+      except Exception as e:  # noqa: BLE001 (any read failure means "this step is unusable")
+        logging.warning("Checkpoint step %d in %s could not be restored (%s: %s); trying the "
+                        "previous one.", s, self.directory, type(e).__name__, str(e)[:300])
+        errors.append((s, e))
+        continue
+      if errors:
+        logging.warning("Resumed from step %d instead of the newest step %d.", s, errors[0][0])
+      return s, restored["state"]
+    if errors:
+      raise FapeError(
+          f"None of the checkpoints in {self.directory} could be restored (steps "
+          f"{[s for s, _ in errors]}); last error: {errors[-1][1]}. If the model config changed "
+          "since they were written, use a new --workdir.")
+    return None, None
+
+  def close(self):
+    self._manager.close()
+
+
+class PreemptionFlag:
+  """Set by SIGTERM/SIGINT; the train loop saves at the next step boundary and exits.
+
+  All processes must agree before one saves (Orbax saves are collective), so `is_set()` is
+  OR-reduced across processes in multi-process runs.
+  """
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+    self._event = threading.Event()
+    self.signal_name = None
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+    self._event.set()
+
+  def is_set(self) -> bool:
+    local = self._event.is_set()
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    flags = multihost_utils.process_allgather(np.asarray([local], dtype=np.int32))
+    return bool(np.asarray(flags).any())
+
+  def restore_handlers(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
