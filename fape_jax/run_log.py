@@ -1,0 +1,51 @@
+"""Run logging: TensorBoard event files and a JSONL log of every logged metric (process 0 only).
+
+tensorboardX writes TensorBoard events without TensorFlow; the JSONL file is what scripts and tests
+read (one object per line: {"step": N, "split": "train"|"val", ...metrics}).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import numpy as np
+from etils import epath
+
+
+class RunLog:
+  """Writes scalars to WORKDIR/metrics.jsonl and WORKDIR/tb/; a no-op on processes other than 0."""
+
+  def __init__(self, workdir: str | epath.Path):
+    self.enabled = jax.process_index() == 0
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self._tb = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(str(epath.Path(workdir) / "tb"))
+
+  def scalars(self, step: int, values: dict, split: str = "train") -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in values.items() if np.isscalar(v) or np.ndim(v) == 0}
+    with self.path.open("a") as f:
+      f.write(json.dumps({"step": int(step), "split": split, "time": time.time(), **clean}) + "\n")
+    for k, v in clean.items():
+      self._tb.add_scalar(f"{split}/{k}", v, int(step))
+    self._tb.flush()
+
+  def image(self, step: int, tag: str, image_hwc_uint8: np.ndarray) -> None:
+    if self.enabled:
+      self._tb.add_image(tag, image_hwc_uint8, int(step), dataformats="HWC")
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_jsonl(path: str | epath.Path) -> list[dict]:
+  path = epath.Path(path)
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
