@@ -18,8 +18,8 @@ come from, first match wins:
 
 GPUs per process: one process per GPU works whether or not SLURM binds GPUs to tasks
 (`--gpus-per-task=1` shows each process one GPU; jax's own SLURM default would then ask for a
-device that is not there), and one process per node drives all the GPUs it sees. `JAX_LOCAL_DEVICE_IDS`
-overrides the choice.
+device that is not there), and one process per node drives all the GPUs it sees.
+`JAX_LOCAL_DEVICE_IDS` overrides the choice.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ import importlib.util
 import json
 import os
 import re
+import socket
+import time
 from typing import Any, Mapping, Sequence
 
 from absl import logging
@@ -45,14 +47,14 @@ from fape_jax.errors import FapeError
 # (GKE sets the first two, multislice the third).
 _TPU_POD_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "MEGASCALE_COORDINATOR_ADDRESS")
 _GOOGLE_PCI_VENDOR = "0x1ae0"
-# Past this size the canonical values are not exchanged to explain a mismatch (the digests still are).
+# Past this size the values themselves are not exchanged to explain a mismatch (digests still are).
 _MAX_EXPLAINED_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """How this process joins the group (all None for a single process or jax's TPU detection)."""
-  source: str  # "flags", "slurm", "env", "tpu" or "single".
+  source: str  # "flags", "slurm", "env", "tpu", "single" or "preinitialized".
   coordinator_address: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
@@ -93,6 +95,10 @@ def initialize(coordinator_address: str | None = None,
   if _initialized is not None:
     logging.info("distributed: already set up (%s); nothing to do.", _initialized)
     return _initialized
+  if jax.distributed.is_initialized():  # Someone called jax.distributed.initialize() directly.
+    _initialized = Setup("preinitialized", None, jax.process_count(), jax.process_index())
+    logging.info("distributed: jax.distributed was already initialized; using it as it is.")
+    return _initialized
   setup = detect(coordinator_address, num_processes, process_id, local_device_ids)
   if not setup.multi_process:
     logging.info("distributed: single process (no flags, SLURM job, launcher variables or TPU pod "
@@ -101,6 +107,8 @@ def initialize(coordinator_address: str | None = None,
     return setup
   logging.info("distributed: %s", _describe(setup))
   _use_gloo_for_cpu_collectives()
+  if setup.source != "tpu" and setup.process_id != 0:
+    _wait_for_coordinator(setup, initialization_timeout)
   try:
     if setup.source == "tpu":
       jax.distributed.initialize(initialization_timeout=initialization_timeout)
@@ -157,7 +165,7 @@ def assert_same_across_processes(name: str, value: str | bytes | Mapping[str, An
   if not differing:
     return
   # All processes saw the same digests, so all of them take this branch together.
-  values = _allgather_bytes(data) if len(data) <= _MAX_EXPLAINED_BYTES else None
+  values = _allgather_bytes(data, _MAX_EXPLAINED_BYTES)
   first = differing[0]
   if values is not None:
     detail = _explain_difference(values[0], values[first], structured=_is_mapping(value))
@@ -339,8 +347,31 @@ def _on_cloud_tpu_vm(env: Mapping[str, str], probe_hardware: bool) -> bool:
   return False
 
 
+def _wait_for_coordinator(setup: Setup, timeout_s: float) -> None:
+  """Waits until process 0's coordinator port accepts connections, else raises FapeError.
+
+  Hand-written because jax aborts the whole process (a C++ fatal error, no exception) when the
+  coordinator cannot be reached, which would leave the user a stack dump instead of a message.
+  """
+  host, _, port = setup.coordinator_address.rpartition(":")
+  host = host.strip("[]")  # IPv6 literals come as [::1]:port.
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host, int(port)), timeout=min(5.0, timeout_s)):
+        return
+    except OSError as e:  # Refused, unreachable, or a name that does not resolve (yet).
+      if time.monotonic() >= deadline:
+        raise FapeError(
+            f"process {setup.process_id} could not reach the coordinator at "
+            f"{setup.coordinator_address} within {timeout_s:g} s ({e}); start process 0 with the "
+            "same coordinator address, and check that its host name resolves and its port is "
+            "open from every host.") from None
+    time.sleep(0.25)
+
+
 def _use_gloo_for_cpu_collectives() -> None:
-  """CPU processes need a collectives backend to talk (tests, launch/local.sh); GPU/TPU ignore it."""
+  """CPU processes need a collectives backend (tests, launch/local.sh); GPU/TPU ignore it."""
   try:
     if jax.config.jax_cpu_collectives_implementation in (None, "none"):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -407,8 +438,11 @@ def _json_fallback(obj) -> Any:
   return str(obj)
 
 
-def _allgather_bytes(data: bytes) -> list[bytes]:
+def _allgather_bytes(data: bytes, max_bytes: int) -> list[bytes] | None:
+  """Every process's `data`, or None (on all processes alike) when one holds over `max_bytes`."""
   lengths = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int32)))[:, 0]
+  if lengths.max() > max_bytes:
+    return None
   padded = np.zeros(int(lengths.max()), np.uint8)
   padded[:len(data)] = np.frombuffer(data, np.uint8)
   rows = np.asarray(multihost_utils.process_allgather(padded))

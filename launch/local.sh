@@ -95,8 +95,8 @@ trap on_exit EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-echo "local.sh: $NUM_PROCESSES x $DEVICES_PER_PROCESS CPU devices, coordinator 127.0.0.1:$COORDINATOR_PORT," \
-  "python -m $MODULE ${args[*]-}" >&2
+echo "local.sh: $NUM_PROCESSES x $DEVICES_PER_PROCESS CPU devices," \
+  "coordinator 127.0.0.1:$COORDINATOR_PORT, python -m $MODULE ${args[*]-}" >&2
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   "$PYTHON" -m "$MODULE" ${args[@]+"${args[@]}"} \
     "--coordinator_address=127.0.0.1:$COORDINATOR_PORT" "--num_processes=$NUM_PROCESSES" \

@@ -35,7 +35,8 @@ die() { usage >&2; echo "tpu_pod.sh: error: $*" >&2; exit 2; }
 if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
 
 for tool in gcloud git tar; do
-  command -v "$tool" >/dev/null || die "'$tool' not found on PATH (gcloud comes with the Google Cloud SDK: https://cloud.google.com/sdk/docs/install)."
+  command -v "$tool" >/dev/null ||
+    die "'$tool' not found on PATH (gcloud: https://cloud.google.com/sdk/docs/install)."
 done
 [[ -n "${TPU_NAME:-}" ]] || die "TPU_NAME is not set (the TPU VM slice to create or reuse)."
 [[ -n "${ZONE:-}" ]] || die "ZONE is not set (the zone of the TPU slice, e.g. us-west4-a)."
@@ -84,7 +85,8 @@ setup+=" || .venv/bin/python -m pip install $(printf '%q' "$TPU_JAX"); }"
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all "${gc[@]}" --command="$setup"
 
 # 4. Start the run on every worker at once.
-run="cd ~/$REMOTE_DIR && .venv/bin/python -m $MODULE $(printf '%q ' "--config=$CONFIG" "--workdir=$WORKDIR" "$@")"
+run="cd ~/$REMOTE_DIR && .venv/bin/python -m $MODULE"
+run+=" $(printf '%q ' "--config=$CONFIG" "--workdir=$WORKDIR" "$@")"
 if [[ "$DETACH" == 1 ]]; then
   run="cd ~/$REMOTE_DIR && nohup ${run#*&& } > train.log 2>&1 < /dev/null &"
 fi

