@@ -40,6 +40,9 @@ _POOL_BEFORE = frozenset((5, 10, 17, 24))
 _TAP_AFTER = (2, 7, 14, 21, 28)
 TAP_NAMES = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 TAP_CHANNELS = (64, 128, 256, 512, 512)
+# Fraction of the 13 convs run at each tap: lets a caller pick taps "at 25 % depth".
+TAP_DEPTHS = tuple((i + 1) / len(VGG16_CONVS) for i, (idx, _, _) in enumerate(VGG16_CONVS)
+                   if idx in _TAP_AFTER)
 
 # lpips' ScalingLayer: ImageNet mean/std expressed for [-1, 1] inputs ((2 * mean - 1), 2 * std).
 _SHIFT = (-0.030, -0.088, -0.188)
@@ -100,14 +103,14 @@ class VGG16Features(nnx.Module):
       biases.append(PretrainedWeight(jnp.asarray(b)))
     self.kernels = nnx.List(kernels)
     self.biases = nnx.List(biases)
-    # Fraction of the network's conv depth at each tap: lets a caller pick taps "at 25 % depth".
-    self.depth_fractions = tuple((i + 1) / len(VGG16_CONVS) for i, (idx, _, _) in
-                                 enumerate(VGG16_CONVS) if idx in _TAP_AFTER)
     self.channels = TAP_CHANNELS
 
   def __call__(self, x: jax.Array) -> list[jax.Array]:
     if x.ndim != 4 or x.shape[-1] != 3:
       raise FapeError(f"VGG16 features: expected NHWC RGB images, got shape {x.shape}.")
+    if min(x.shape[1:3]) < 16:  # four 2x2 max-pools before relu5_3
+      raise FapeError(f"VGG16 features: images of {x.shape[1]}x{x.shape[2]} px are too small; "
+                      "LPIPS and the VGG16 backbone need at least 16x16.")
     x = (x - jnp.asarray(_SHIFT, x.dtype)) / jnp.asarray(_SCALE, x.dtype)
     taps = []
     for (idx, _, _), kernel, bias in zip(VGG16_CONVS, self.kernels, self.biases):
