@@ -1,0 +1,9 @@
+"""Data: degradation synthesis, the embedded corpus, the pairs store (TFDS) and the Grain pipeline.
+
+  degrade.py   seeded synthesis of the seven degradations and the CDD-11 mixes
+  corpus.py    natural photos bundled with installed packages, split by image
+  images.py    reading image files into uint8 RGB with documented conversions and clear errors
+  builders.py  TFDS builders (ArrayRecord): the synthetic store and real benchmark folders
+  pairs.py     prepare_synthetic / prepare_folder / open_pairs: what training calls
+  pipeline.py  Grain train/eval pipelines joined with the plan store, per-host sharding
+"""

@@ -5,35 +5,34 @@ bundles only a subset of its gallery; the rest would need `pooch` and a network,
 used). Sizes are width x height as stored.
 
 Colour photos (used as they are):
-  name             package       file                                      size      licence
-  astronaut        scikit-image  skimage/data/astronaut.png                512x512   public domain (NASA)
-  chelsea          scikit-image  skimage/data/chelsea.png                  451x300   CC0 (Stefan van der Walt)
-  coffee           scikit-image  skimage/data/coffee.png                   600x400   CC0 (Rachel Michetti)
-  rocket           scikit-image  skimage/data/rocket.jpg                   640x427   public domain (SpaceX)
-  motorcycle       scikit-image  skimage/data/motorcycle_left.png          741x500   Middlebury 2014 stereo
-                                                                                     benchmark (Scharstein et
-                                                                                     al.), redistributed by
-                                                                                     scikit-image
-  china            scikit-learn  sklearn/datasets/images/china.jpg         640x427   CC BY 2.0 (danielbuechele)
-  flower           scikit-learn  sklearn/datasets/images/flower.jpg        640x427   CC BY 2.0 (vultilion)
-  grace_hopper     matplotlib    mpl-data/sample_data/grace_hopper.jpg     512x600   public domain (US Navy)
+  name          file (inside the package)                 size     licence
+  astronaut     skimage: data/astronaut.png               512x512  public domain (NASA)
+  chelsea       skimage: data/chelsea.png                 451x300  CC0 (Stefan van der Walt)
+  coffee        skimage: data/coffee.png                  600x400  CC0 (Rachel Michetti)
+  rocket        skimage: data/rocket.jpg                  640x427  public domain (SpaceX)
+  motorcycle    skimage: data/motorcycle_left.png         741x500  Middlebury 2014 stereo benchmark
+                                                                   (Scharstein et al.), as
+                                                                   redistributed by scikit-image
+  china         sklearn.datasets: images/china.jpg        640x427  CC BY 2.0 (danielbuechele)
+  flower        sklearn.datasets: images/flower.jpg       640x427  CC BY 2.0 (vultilion)
+  grace_hopper  matplotlib: mpl-data/sample_data/         512x600  public domain (US Navy)
+                grace_hopper.jpg
 
-Grayscale photos, converted to RGB by repeating the channel (so they teach structure, not colour):
-  camera           scikit-image  skimage/data/camera.png                   512x512   CC0 (Lav Varshney)
-  ascent           PyWavelets    pywt/data/ascent.npz ('data')             512x512   public domain
-                                                                                     (public-domain-image.com)
-  coins            scikit-image  skimage/data/coins.png                    384x303   no known copyright
-                                                                                     restrictions (Brooklyn
-                                                                                     Museum)
+Grayscale photos, converted to RGB by repeating the channel (they teach structure, not colour):
+  camera        skimage: data/camera.png                  512x512  CC0 (Lav Varshney)
+  ascent        pywt: data/ascent.npz ('data')            512x512  public domain
+                                                                   (public-domain-image.com)
+  coins         skimage: data/coins.png                   384x303  no known copyright restrictions
+                                                                   (Brooklyn Museum)
 
 Left out on purpose: motorcycle_right (a near-duplicate of the left view: it would leak across the
-split), PyWavelets' camera (identical to scikit-image's), aero (no stated licence), Hubble deep field,
-retina, ihc, cell, microaneurysms (astronomy/medical/microscopy, not natural scenes), synthetic
-charts (chessboard, color, logo, phantom, text, page) and textures cropped to gray tiles.
+split), PyWavelets' camera (identical to scikit-image's), aero (no stated licence), Hubble deep
+field, retina, ihc, cell, microaneurysms (astronomy/medical/microscopy, not natural scenes),
+synthetic charts (chessboard, color, logo, phantom, text, page) and textures cropped to gray tiles.
 
 Split by *image*, fixed and deterministic: `VALIDATION` (three colour photos with different content:
-a cat, a still life, a flower) is never cropped or degraded for training; every other available image
-is training data. A missing file (an older package version) is skipped with a warning.
+a cat, a still life, a flower) is never cropped or degraded for training; every other available
+image is training data. A missing file (an older package version) is skipped with a warning.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ being degraded, which for the synthetic store is <= 256 px on the long side):
 
   denoise            clip(x + sigma * N(0, 1)), sigma in 8-bit units: evaluation takes sigma from
                      {15, 25, 50} (`EVAL_SIGMAS`, cycled over variants by the builder); training
-                     draws sigma ~ U[5, 50] (the blind U[0, 50] without its near-clean end, which only
-                     teaches the identity and gives an infinite degraded PSNR).
+                     draws sigma ~ U[5, 50] (the blind U[0, 50] without its near-clean end, which
+                     teaches only the identity and gives an infinite degraded PSNR).
   deraining          1-3 streak layers sharing a direction within +-30 deg of vertical (+-5 deg per
                      layer): sparse seeds (density 0.1-0.8 % of pixels) convolved with a rotated
                      line kernel (length 20-40 px, width 1-3 px), normalised and added with
@@ -23,29 +23,30 @@ being degraded, which for the synthetic store is <= 256 px on the long side):
                      Gaussian blobs motion-blurred along a common fall direction (line length
                      2-4x the radius), composited as lq * (1 - m) + m * c with c in [0.85, 1]
                      (Snow100K / CSD style occlusion).
-  dehazing           I = J t + A (1 - t), t = exp(-beta d), beta ~ U(0.6, 1.8), A ~ U(0.7, 1.0) with a
-                     +-0.04 per-channel tint (MiOIR's ranges, depth normalised to [0, 1]). The depth
-                     `d` is a proxy unless a real depth map is passed (`options={"dehazing":
-                     {"depth": array}}` or `degrade(..., depth=...)`): 0.5 * a vertical ramp (top of
-                     the frame far) + 0.5 * the heavily smoothed dark channel (bright, colourless
-                     regions such as sky read as far: the dark-channel prior run backwards),
-                     normalised to [0, 1].
-  deblur             one of: a random motion trajectory (p 0.5; a momentum random walk rasterised with
-                     bilinear splats, extent 7-21 px), a defocus disk (p 0.25; anti-aliased, radius
-                     1.5-4.5 px), or an anisotropic Gaussian (p 0.25; sigmas 0.8-3 px, random angle).
+  dehazing           I = J t + A (1 - t), t = exp(-beta d), beta ~ U(0.6, 1.8), A ~ U(0.7, 1.0)
+                     with a +-0.04 per-channel tint (MiOIR's ranges, depth normalised to [0, 1]).
+                     The depth `d` is a proxy unless a real depth map is passed
+                     (`degrade(..., depth=array)` or `options={"dehazing": {"depth": array}}`):
+                     0.5 * a vertical ramp (top of the frame far) + 0.5 * the heavily smoothed dark
+                     channel (bright, colourless regions such as sky read as far: the dark-channel
+                     prior run backwards), normalised to [0, 1].
+  deblur             one of: a random motion trajectory (p 0.5; a momentum random walk rasterised
+                     with bilinear splats, extent 7-21 px), a defocus disk (p 0.25; anti-aliased,
+                     radius 1.5-4.5 px), or an anisotropic Gaussian (p 0.25; sigmas 0.8-3 px,
+                     random angle).
   light_enhancement  y = e * x^g per channel gains (colour shift exp(N(0, 0.08)), mean 1), exposure
                      e ~ U(0.15, 0.45), gamma g ~ U(1.3, 2.2), then Poisson-Gaussian sensor noise:
                      Poisson(y * peak) / peak with peak ~ logU(80, 800) photons at white, plus read
                      noise sigma ~ U(0.002, 0.01).
   super_resolution   Real-ESRGAN's second-order pipeline with its published options (kernel 7-21 px:
                      iso/aniso/generalised/plateau Gaussians or sinc; resize up/down/keep with
-                     area/bilinear/bicubic; Gaussian or Poisson noise, gray with p 0.4; JPEG q 30-95;
-                     twice, the second round with milder ranges and blur p 0.8; final resize to 1/4
-                     with a sinc filter p 0.8 and JPEG in random order), x4 down, then bicubic back
-                     up to the input size (what the executor is fed). Resizes use Pillow, which
-                     anti-aliases when shrinking (the reference uses torch's interpolate); Poisson
-                     noise uses 256 levels (the reference counts the image's unique values, which
-                     is <= 256 for 8-bit input).
+                     area/bilinear/bicubic; Gaussian or Poisson noise, gray with p 0.4; JPEG
+                     q 30-95; twice, the second round with milder ranges and blur p 0.8; final
+                     resize to 1/4 with a sinc filter p 0.8 and JPEG in random order), x4 down, then
+                     bicubic back up to the input size (what the executor is fed). Resizes use
+                     Pillow, which anti-aliases when shrinking (the reference uses torch's
+                     interpolate); Poisson noise uses 256 levels (the reference counts the image's
+                     unique values, which is <= 256 for 8-bit input).
   mixes              `fape_jax.tasks.MIXES`, parts applied in order (low light, then rain or snow,
                      then haze, as CDD-11); the params list every step.
 """
@@ -80,7 +81,7 @@ class Sample:
 # ----------------------------------------------------------------------------------------------
 
 def _filter2d(x: np.ndarray, k: np.ndarray) -> np.ndarray:
-  """Convolves an (H, W[, C]) image with a 2-D kernel, reflect-padded (as Real-ESRGAN's filter2D)."""
+  """Convolves an (H, W[, C]) image with a 2-D kernel, reflect-padded like Real-ESRGAN's."""
   ph, pw = k.shape[0] // 2, k.shape[1] // 2
   pad = [(ph, k.shape[0] - 1 - ph), (pw, k.shape[1] - 1 - pw)] + [(0, 0)] * (x.ndim - 2)
   xp = np.pad(x, pad, mode="reflect" if min(x.shape[:2]) > 1 else "edge")
