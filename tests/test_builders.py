@@ -190,6 +190,24 @@ def test_paired_layouts(name, tmp_path):
         assert params["airlight"] == float(a) and params["beta"] == float(b)
 
 
+@pytest.mark.parametrize("name,written,expected", [
+    ("gopro", [("test/input/1.png", "test/target/1.png")], {"test": ["gopro/test/test/input/1"]}),
+    ("realblur_r", [("input/a.png", "target/a.png")], {"test": ["realblur_r/test/input/a"]}),
+    ("rain100h", [("rainy/rain-001.png", "norain/norain-001.png")],
+     {"test": ["rain100h/test/rainy/rain-001"]}),
+    ("realsr", [("test_LR/x.png", "test_HR/x.png"), ("train_LR/y.png", "train_HR/y.png")],
+     {"test": ["realsr/test/test_LR/x"], "train": ["realsr/train/train_LR/y"]}),
+    ("cdd11", [("haze_snow/9.png", "clear/9.png")], {"test": ["cdd11/test/haze_snow/9"]}),
+])
+def test_alternative_layouts_are_recognised(name, written, expected, tmp_path):
+  _write_pairs(tmp_path, written)
+  found = builders.find_pairs(name, tmp_path)
+  assert {k: [p.rid for p in v] for k, v in found.items()} == expected
+  for specs in found.values():
+    for spec in specs:
+      assert os.path.isfile(spec.degraded) and os.path.isfile(spec.clean)
+
+
 @pytest.mark.parametrize("name,clean_rels,ignored", [
     ("bsd68", ["test001.png", "test002.png"], []),
     ("cbsd68", ["original_png/0000.png"], ["noisy15/0000.png"]),

@@ -264,9 +264,10 @@ _GOPRO = Layout("deblur", {
     split: (
         (Rule(f"{split}/*/blur/*", ((r"^(.*)/blur/([^/]+)$", r"\1/sharp/\2"),)),),
         (Rule(f"{split}/input/*", (_same_name("input", "target"),)),),
-    ) for split in ("test", "train")},
-    "GoPro (GOPRO_Large): test|train/<sequence>/blur/N.png + sharp/N.png; or test/input/ + "
-    "test/target/ (Restormer layout)")
+    ) + (((Rule("input/*", (_same_name("input", "target"),)),),) if split == "test" else ())
+    for split in ("test", "train")},
+    "GoPro (GOPRO_Large): test|train/<sequence>/blur/N.png + sharp/N.png; or [test/]input/ + "
+    "[test/]target/ (Restormer / mmagic layouts)")
 
 
 def _realblur(letter: str) -> Layout:
@@ -274,11 +275,12 @@ def _realblur(letter: str) -> Layout:
       split: (
           (Rule(f"RealBlur_{letter}_{split}_list.txt", listing=True),),
           (Rule(f"{split}/input/*", (_same_name("input", "target"),)),),
-      ) for split in ("test", "train")} | {"unsplit": (
+      ) + (((Rule("input/*", (_same_name("input", "target"),)),),) if split == "test" else ())
+      for split in ("test", "train")} | {"unsplit": (
           (Rule("**/blur/blur_*", ((r"^(.*)/blur/blur_([^/]+)$", r"\1/gt/gt_\2"),)),),)},
       f"RealBlur-{letter}: RealBlur_{letter}_test|train_list.txt (lines 'gt_path blur_path', "
       "paths relative to the folder) over <scene>/blur/blur_N.png + <scene>/gt/gt_N.png; or "
-      "test/input/ + test/target/; without lists or split folders, every scene goes to split "
+      "[test/]input/ + [test/]target/; without lists or split folders, every scene goes to split "
       "'unsplit'")
 
 

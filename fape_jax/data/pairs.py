@@ -9,6 +9,10 @@
 `config` is either a `builders.SyntheticConfig`, or any object with the training config's data
 fields (`variants_per_image`, `train_max_side`, `val_size`, optional `val_variants`, `seed`),
 e.g. `config.data` from configs/base.py; None means the defaults.
+
+Stores live in `data_dir/synthetic_pairs/<config name>/1.0.0` and `data_dir/paired_folders/<name>/
+1.0.0`. Building is not coordinated across processes: on several hosts, prepare on process 0 (or
+before launching) and let the others open the finished store after a barrier.
 """
 
 from __future__ import annotations
