@@ -1,0 +1,211 @@
+"""FAPE-IR training configs.
+
+  --config=configs/base.py         the embedded default: pixel space, a small UNet trained from
+                                   scratch with the frequency LoRA-MoE, synthetic seven-task data
+                                   from images bundled with installed packages, rule planner +
+                                   MiniLM plan tokens. Runs on a laptop CPU in ~10 minutes.
+  --config=configs/base.py:tiny    a few-second version of the same for tests.
+  --config=configs/base.py:sd21    SD-2.1/SD-Turbo-scale 512^2 latent executor, Qwen2.5-VL-7B plan
+                                   tokens, the paper's hyper-parameters (needs local weights and
+                                   accelerators; `--dry_run` checks memory and sharding without them).
+Override anything with dotted flags, e.g. `--config.total_steps=50`.
+"""
+
+import ml_collections
+
+TINY_UNET = dict(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    attention_head_dim=8,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    use_linear_projection=True,
+)
+
+BASE_UNET = dict(
+    sample_size=64,
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(32, 64, 128),
+    layers_per_block=1,
+    attention_head_dim=8,
+    cross_attention_dim=128,
+    norm_num_groups=16,
+    use_linear_projection=True,
+)
+
+# Stable Diffusion 2.1 (and SD-Turbo) UNet, as in its diffusers config.json.
+SD21_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                      "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                    "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    attention_head_dim=(5, 10, 20, 20),
+    cross_attention_dim=1024,
+    norm_num_groups=32,
+    use_linear_projection=True,
+    upcast_attention=True,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+)
+
+SD21_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=768,
+    scaling_factor=0.18215,
+)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  arg = arg or "base"
+  if arg not in ("base", "tiny", "sd21"):
+    raise ValueError(f"Unknown config variant {arg!r}; choose base, tiny or sd21.")
+  c = ml_collections.ConfigDict()
+  c.variant = arg
+  c.seed = 0
+
+  # --- data: pairs store (TFDS/ArrayRecord) and the Grain pipeline ---
+  c.data = ml_collections.ConfigDict()
+  c.data.data_dir = "data"          # stores are built here when missing (relative to the cwd)
+  c.data.name = "synthetic"         # pairs store: the embedded synthetic corpus
+  c.data.variants_per_image = 6     # K degraded variants per corpus image per task
+  c.data.train_max_side = 256       # train images are resized so their long side is <= this
+  c.data.val_size = 128             # validation pairs are this square size (one compiled shape)
+  c.data.crop = 64                  # training crop (same box on degraded and clean)
+  c.data.batch_size = 8             # global batch (split over processes and devices)
+  c.data.eval_batch_size = 8
+  c.data.skip_bad = False
+  c.data.read_threads = 2
+  c.data.prefetch = 2
+
+  # --- plans: offline plan cache (planner + encoder), read by id ---
+  c.plans = ml_collections.ConfigDict()
+  c.plans.enabled = True            # False: no plan context (ablation); a learned null token
+  c.plans.planner = "rule"          # rule | hf
+  c.plans.model_id = ""             # hf planner / mllm encoder: local path or HF cache id
+  c.plans.encoder = "text"          # text (MiniLM, 384-d) | mllm
+  c.plans.max_tokens = 32           # K
+  c.plans.dim = 384                 # D of the cached plan tokens
+  c.plans.dtype = "float16"
+  c.plans.store_dir = ""            # default: <data_dir>/plans/<name>-<planner>-<encoder>-K<K>
+
+  # --- model: executor = (VAE) + UNet + frequency LoRA-MoE + plan projector ---
+  c.model = ml_collections.ConfigDict()
+  c.model.unet = ml_collections.ConfigDict(BASE_UNET)
+  c.model.vae = None                # a diffusers AutoencoderKL config for latent executors
+  c.model.timestep = 300
+  # A UNet trained from scratch does not start at the identity: predict a residual over the input.
+  c.model.residual = True
+  c.model.dtype = "float32"         # compute dtype; parameters stay float32
+  c.model.remat = False
+  c.model.lora = ml_collections.ConfigDict(dict(
+      ranks=(8, 8), alpha=1.0, patterns=("to_q", "to_k", "to_v", "to_out.0"), conv_lora=False,
+      dense=False, band_mode="fft2d", cutoff=0.25, fir_sigma=2.0, fir_taps=9,
+      top1="soft", temperature=1.0, token_gate=False, text_router=True, spectral_router=True,
+      image_descriptor=False))
+  c.train_base_unet = True          # from scratch: the whole UNet trains (no pretrained weights)
+  c.init_from = ""                  # local diffusers folder (unet/, vae/) or exported adapters
+
+  # --- losses ---
+  c.loss = ml_collections.ConfigDict(dict(w_mse=50.0, w_lpips=5.0, w_adv=0.5, w_freq=1e-3))
+  c.lpips = ml_collections.ConfigDict(dict(vgg_path="", lin_path=""))
+  c.disc = ml_collections.ConfigDict(dict(
+      backbone="conv", widths=(32, 64, 128), head_width=64, pretrained_path=""))
+
+  # --- optimisation ---
+  c.optim = ml_collections.ConfigDict()
+  c.optim.g = ml_collections.ConfigDict(dict(
+      name="prodigy", lr=1.0, b1=0.9, b2=0.99, weight_decay=0.01, schedule="cosine",
+      warmup_steps=0))
+  c.optim.d = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-4, b1=0.5, b2=0.999, weight_decay=0.0, schedule="cosine",
+      warmup_steps=0))
+  c.optim.clip_norm = 1.0
+  c.optim.d_warmup_steps = 100      # the adversarial term joins the generator loss after this
+  c.optim.d_every = 1               # discriminator update ratio: once every N steps
+
+  c.total_steps = 1200
+  c.log_every = 25
+  c.eval_every = 400
+  c.num_eval_images = 0             # 0 = the whole validation split
+  c.ckpt_every = 200
+  c.keep_checkpoints = 3
+  c.num_sample_images = 2           # per task, in the sample grids
+  c.max_wall_minutes = 0.0          # >0: stop (with a checkpoint) after this many minutes
+
+  # --- topology: mesh axes (one may be -1 = fill) and logical -> mesh axis rules ---
+  c.mesh = ml_collections.ConfigDict(dict(axes=("data", "fsdp"), shape=(-1, 1)))
+  c.data_axes = ("data", "fsdp")
+  c.logical_axis_rules = (
+      ("conv_out", "fsdp"),
+      ("embed_out", "fsdp"),
+      ("conv_in", None),
+      ("embed_in", None),
+      ("channels", None),
+      ("adapter", None),
+  )
+
+  if arg == "tiny":
+    c.model.unet = ml_collections.ConfigDict(TINY_UNET)
+    c.model.lora.ranks = (2, 2)
+    c.data.variants_per_image = 1
+    c.data.train_max_side = 64
+    c.data.val_size = 32
+    c.data.crop = 32
+    c.data.batch_size = 4
+    c.data.eval_batch_size = 4
+    c.data.read_threads = 1
+    c.plans.max_tokens = 8
+    c.disc.widths = (8, 16, 16)
+    c.disc.head_width = 8
+    c.total_steps = 6
+    c.log_every = 2
+    c.eval_every = 6
+    c.num_eval_images = 8
+    c.ckpt_every = 3
+    c.optim.d_warmup_steps = 2
+  elif arg == "sd21":
+    c.model.unet = ml_collections.ConfigDict(SD21_UNET)
+    c.model.vae = ml_collections.ConfigDict(SD21_VAE)
+    c.model.residual = False
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+    c.train_base_unet = False
+    c.init_from = ""                # set to a local diffusers SD-2.1 / SD-Turbo folder
+    c.data.crop = 512
+    c.data.batch_size = 8
+    c.data.train_max_side = 0       # real data: no resizing
+    c.plans.planner = "hf"
+    c.plans.model_id = "Qwen/Qwen2.5-VL-7B-Instruct"
+    c.plans.encoder = "mllm"
+    c.plans.dim = 3584
+    c.plans.max_tokens = 64
+    c.plans.dtype = "bfloat16"
+    c.disc.backbone = "vgg16"
+    c.disc.head_width = 512
+    c.total_steps = 200_000
+    c.log_every = 50
+    c.eval_every = 5000
+    c.ckpt_every = 2000
+    c.optim.d_warmup_steps = 1000
+    c.mesh.shape = (-1, 8)          # shard the frozen UNet over 8 devices (fsdp)
+  return c

@@ -1,0 +1,52 @@
+r"""Train FAPE-IR.
+
+  python -m fape_jax.train --config=configs/base.py --workdir=runs/base
+  python -m fape_jax.train --config=configs/base.py:tiny --workdir=/tmp/t --config.total_steps=50
+  python -m fape_jax.train --config=configs/base.py:sd21 --workdir=/tmp/x --dry_run
+
+Multi-process: `jax.distributed` is initialised from the environment (TPU pods, SLURM,
+Kubernetes-style variables) or from --coordinator_address/--num_processes/--process_id.
+Restarting with the same --workdir resumes from its newest checkpoint.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from fape_jax import distributed
+from fape_jax.errors import FapeError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, samples).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False,
+                             "Build the train state abstractly and print the per-device memory "
+                             "table for the config's mesh; allocates nothing.")
+_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index.")
+
+
+def main(argv):
+  del argv
+  try:
+    distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
+    from fape_jax import train_lib  # pylint: disable=g-import-not-at-top (after distributed init)
+    if _DRY_RUN.value:
+      print(train_lib.dry_run(_CONFIG.value))
+      return
+    if not _WORKDIR.value:
+      raise FapeError("--workdir is required (the run directory for checkpoints and logs).")
+    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except FapeError as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

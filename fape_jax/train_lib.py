@@ -1,0 +1,621 @@
+"""Training: sharded state creation, the one jit-compiled train step, checkpoints, logs, validation.
+
+`train_and_evaluate(config, workdir)` is the whole job (the `train` entry point is a thin shell
+over it; tests call it with the `tiny` config). The train step is pure:
+`train_step(state, batch) -> (state, metrics)`, compiled once with explicit in/out shardings and
+the state donated. The state is a plain pytree:
+
+  step, rng                  int32 scalar, uint32[2] (the step is folded into the RNG)
+  gen.params                 trainable generator variables (adapters/routers/projector, plus the
+                             UNet itself when `train_base_unet`)
+  gen.frozen                 everything else of the generator: frozen base weights (never
+                             differentiated, so never all-reduced, and not in the optimiser)
+  gen.opt                    Prodigy state over gen.params only
+  disc.params / disc.rest    discriminator heads (+ trainable backbone) / spectral-norm power
+                             iteration vectors and a frozen pretrained backbone
+  disc.opt                   AdamW state
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from etils import epath
+
+from fape_jax import checkpoint as ckpt_lib
+from fape_jax import distributed
+from fape_jax import losses
+from fape_jax import metrics as metrics_lib
+from fape_jax import run_log
+from fape_jax import sharding as shard_lib
+from fape_jax import tasks as tasks_lib
+from fape_jax.errors import FapeError
+from fape_jax.models import discriminator as disc_lib
+from fape_jax.models import executor as executor_lib
+from fape_jax.models import lora_moe
+from fape_jax.models import lpips as lpips_lib
+
+
+# ----------------------------------------------------------------------------------------------
+# Models and optimisers
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """Static halves (graph definitions) of the models; the arrays live in the train state."""
+  gen_def: Any
+  disc_def: Any
+  gen_trainable: Any   # nnx filter
+  disc_trainable: Any  # nnx filter
+
+
+def _dtype(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+
+
+def gen_trainable_filter(config):
+  """Adapters, routers and projector always train; the base UNet only when trained from scratch."""
+  if config.train_base_unet:
+    return nnx.Any(lora_moe.AdapterParam, nnx.All(nnx.Param, nnx.PathContains("unet")))
+  return lora_moe.AdapterParam
+
+
+def build_generator(config, rngs: nnx.Rngs):
+  return executor_lib.build_executor(config.model, plan_dim=config.plans.dim if config.plans.enabled
+                                     else None, rngs=rngs)
+
+
+def build_discriminator(config, rngs: nnx.Rngs):
+  return disc_lib.build_discriminator(config.disc, rngs=rngs)
+
+
+def _schedule(cfg, total_steps: int):
+  if cfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0 if cfg.warmup_steps else cfg.lr, cfg.lr, max(cfg.warmup_steps, 0),
+        max(total_steps, cfg.warmup_steps + 1))
+  if cfg.schedule == "constant":
+    return optax.constant_schedule(cfg.lr)
+  raise FapeError(f"config.optim.*.schedule={cfg.schedule!r}: use 'cosine' or 'constant'.")
+
+
+def make_optimizer(cfg, clip_norm: float, total_steps: int) -> optax.GradientTransformation:
+  sched = _schedule(cfg, total_steps)
+  if cfg.name == "prodigy":
+    opt = optax.contrib.prodigy(sched, betas=(cfg.b1, cfg.b2), weight_decay=cfg.weight_decay)
+  elif cfg.name == "adamw":
+    opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+  else:
+    raise FapeError(f"config.optim.*.name={cfg.name!r}: use 'prodigy' or 'adamw'.")
+  return optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm else opt
+
+
+# ----------------------------------------------------------------------------------------------
+# State creation (shapes first, then sharded creation)
+# ----------------------------------------------------------------------------------------------
+
+def _init_state(config, models_out: list | None = None):
+  """Builds models and optimiser states from the seed; pure, so it can run under jit/eval_shape."""
+  rngs = nnx.Rngs(config.seed)
+  gen = build_generator(config, rngs)
+  disc = build_discriminator(config, rngs)
+  gen_filter = gen_trainable_filter(config)
+  disc_filter = disc_lib.trainable_filter(disc)
+  gen_def, gparams, gfrozen = nnx.split(gen, gen_filter, ...)
+  disc_def, dparams, drest = nnx.split(disc, disc_filter, ...)
+  g_tx = make_optimizer(config.optim.g, config.optim.clip_norm, config.total_steps)
+  d_tx = make_optimizer(config.optim.d, config.optim.clip_norm, config.total_steps)
+  if models_out is not None:
+    models_out.append(Models(gen_def, disc_def, gen_filter, disc_filter))
+  return {
+      "step": jnp.zeros((), jnp.int32),
+      "rng": jax.random.PRNGKey(config.seed + 1),
+      "gen": {"params": gparams, "frozen": gfrozen, "opt": g_tx.init(gparams)},
+      "disc": {"params": dparams, "rest": drest, "opt": d_tx.init(dparams)},
+  }
+
+
+def abstract_state(config):
+  """(abstract state, Models) without allocating anything."""
+  models = []
+  abstract = jax.eval_shape(functools.partial(_init_state, config, models))
+  return abstract, models[0]
+
+
+def state_shardings(abstract, mesh, config):
+  rules = tuple(tuple(r) for r in config.logical_axis_rules)
+  is_adapter = lambda v: isinstance(v, lora_moe.AdapterParam)
+  out = {"step": shard_lib.NamedSharding(mesh, shard_lib.P()),
+         "rng": shard_lib.NamedSharding(mesh, shard_lib.P())}
+  for part in ("gen", "disc"):
+    pkey, okey = "params", "opt"
+    rest_key = "frozen" if part == "gen" else "rest"
+    params_sh = shard_lib.state_shardings(abstract[part][pkey], mesh, rules, is_adapter)
+    out[part] = {
+        pkey: params_sh,
+        rest_key: shard_lib.state_shardings(abstract[part][rest_key], mesh, rules, is_adapter),
+        okey: shard_lib.tree_shardings_like(abstract[part][okey], abstract[part][pkey],
+                                            params_sh, mesh),
+    }
+  return out
+
+
+def create_state(config, mesh):
+  """The train state, created directly with its shardings (no host copy of the full model)."""
+  abstract, models = abstract_state(config)
+  shardings = state_shardings(abstract, mesh, config)
+  state = jax.jit(functools.partial(_init_state, config), out_shardings=shardings)()
+  return state, shardings, models
+
+
+# ----------------------------------------------------------------------------------------------
+# The train step
+# ----------------------------------------------------------------------------------------------
+
+def _generator_forward(models: Models, gen_params, gen_frozen, batch):
+  gen = nnx.merge(models.gen_def, gen_params, gen_frozen)
+  return gen(batch["degraded"], batch.get("plan_tokens"), batch.get("plan_mask"))
+
+
+def _disc_logits(models: Models, dparams, drest, images, update_stats: bool):
+  disc = nnx.merge(models.disc_def, dparams, drest)
+  logits = disc(images, update_stats=update_stats)
+  _, _, new_rest = nnx.split(disc, models.disc_trainable, ...)
+  return logits, new_rest
+
+
+def train_step(state, batch, *, models: Models, config, g_tx, d_tx, lpips_fn):
+  """One generator update and (every `d_every` steps) one discriminator update."""
+  lw = config.loss
+  step = state["step"]
+  adv_on = (step >= config.optim.d_warmup_steps).astype(jnp.float32)
+
+  def g_loss_fn(gparams):
+    restored, aux = _generator_forward(models, gparams, state["gen"]["frozen"], batch)
+    clean = batch["clean"]
+    mse = jnp.mean(jnp.square(restored.astype(jnp.float32) - clean))
+    lp = lpips_fn(restored, clean) if lpips_fn is not None else jnp.zeros(())
+    fake_logits, _ = _disc_logits(models, state["disc"]["params"], state["disc"]["rest"],
+                                  restored, update_stats=False)
+    adv = disc_lib.generator_adversarial_loss(fake_logits)
+    freq = aux["freq_loss"]
+    total = (lw.w_mse * mse + lw.w_lpips * lp + adv_on * lw.w_adv * adv + lw.w_freq * freq)
+    return total, ({"loss": total, "mse": mse, "lpips": lp, "adv": adv, "freq": freq},
+                   restored)
+
+  (_, (g_metrics, restored)), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
+      state["gen"]["params"])
+  g_updates, g_opt = g_tx.update(g_grads, state["gen"]["opt"], state["gen"]["params"])
+  gparams = optax.apply_updates(state["gen"]["params"], g_updates)
+
+  fake = jax.lax.stop_gradient(restored)
+
+  def d_update(dstate):
+    def d_loss_fn(dparams):
+      real_logits, rest = _disc_logits(models, dparams, dstate["rest"], batch["clean"], True)
+      fake_logits, rest = _disc_logits(models, dparams, rest, fake, True)
+      loss = disc_lib.discriminator_loss(real_logits, fake_logits)
+      return loss, (rest, jnp.mean(real_logits), jnp.mean(fake_logits))
+    (dloss, (rest, real_m, fake_m)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
+        dstate["params"])
+    updates, dopt = d_tx.update(d_grads, dstate["opt"], dstate["params"])
+    new = {"params": optax.apply_updates(dstate["params"], updates), "rest": rest, "opt": dopt}
+    return new, {"d_loss": dloss, "d_real": real_m, "d_fake": fake_m}
+
+  def d_skip(dstate):
+    zero = jnp.zeros((), jnp.float32)
+    return dstate, {"d_loss": zero, "d_real": zero, "d_fake": zero}
+
+  disc_state, d_metrics = jax.lax.cond(step % config.optim.d_every == 0, d_update, d_skip,
+                                       state["disc"])
+  new_state = {
+      "step": step + 1,
+      "rng": state["rng"],
+      "gen": {"params": gparams, "frozen": state["gen"]["frozen"], "opt": g_opt},
+      "disc": disc_state,
+  }
+  metrics = {**g_metrics, **d_metrics, "g_grad_norm": optax.global_norm(g_grads)}
+  return new_state, metrics
+
+
+def make_train_step(models: Models, config, shardings, batch_sharding, lpips_fn):
+  g_tx = make_optimizer(config.optim.g, config.optim.clip_norm, config.total_steps)
+  d_tx = make_optimizer(config.optim.d, config.optim.clip_norm, config.total_steps)
+  step_fn = functools.partial(train_step, models=models, config=config, g_tx=g_tx, d_tx=d_tx,
+                              lpips_fn=lpips_fn)
+  replicated = shard_lib.NamedSharding(batch_sharding.mesh, shard_lib.P())
+  return jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, replicated), donate_argnums=0)
+
+
+def make_eval_step(models: Models, gen_shardings, batch_sharding):
+  """Restores a batch; returns the restored images and the per-layer routing weights."""
+  def eval_step(gen_params, gen_frozen, batch):
+    restored, aux = _generator_forward(models, gen_params, gen_frozen, batch)
+    return jnp.clip(restored, -1.0, 1.0), aux["routing"]
+  return jax.jit(eval_step, in_shardings=(gen_shardings["params"], gen_shardings["frozen"],
+                                          batch_sharding))
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------
+
+PREEMPTED_EXIT = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as a killed process
+
+
+class Preempted(SystemExit):
+  """Raised after the preemption checkpoint is safely written."""
+
+
+def _as_abstract(tree, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _checkpoint_view(state, config):
+  """What goes into a checkpoint: frozen base weights loaded from `init_from` are not re-saved."""
+  if config.init_from and not config.train_base_unet:
+    return {k: v for k, v in state.items() if k != "gen"} | {
+        "gen": {k: v for k, v in state["gen"].items() if k != "frozen"}}
+  return state
+
+
+def _merge_restored(state, restored):
+  if "frozen" not in restored["gen"]:
+    restored["gen"]["frozen"] = state["gen"]["frozen"]
+  return restored
+
+
+def _write_config(workdir: epath.Path, config) -> None:
+  """Keeps the config beside the checkpoints (restore/evaluate rebuild the model from it)."""
+  if jax.process_index() != 0:
+    return
+  path = workdir / "config.json"
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if path.exists() and path.read_text() != text:
+    old = json.loads(path.read_text())
+    new = json.loads(text)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    logging.warning("The config differs from the one this workdir was started with (top-level "
+                    "keys %s); the run resumes with the new one. Model shape changes will fail "
+                    "to restore: use a new --workdir for those.", changed)
+    path.rename(workdir / f"config.{int(time.time())}.json")
+  path.write_text(text)
+
+
+def _local_batch_size(global_batch: int, mesh) -> int:
+  nproc = jax.process_count()
+  if global_batch % nproc:
+    raise FapeError(f"config.data.batch_size={global_batch} does not divide over {nproc} "
+                    "processes; use a multiple of the process count.")
+  return global_batch // nproc
+
+
+def _to_global(batch: dict, batch_sharding) -> dict:
+  """Process-local numpy batch -> global jax.Arrays sharded over the data axes."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v)
+          for k, v in batch.items() if k in _DEVICE_KEYS}
+
+
+_DEVICE_KEYS = ("degraded", "clean", "plan_tokens", "plan_mask", "task_id")
+
+
+def _host_scalars(metrics: list[dict]) -> dict:
+  """Mean of a window of per-step device metrics, fetched to the host once."""
+  fetched = jax.device_get(metrics)
+  return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def _check_finite(step: int, scalars: dict, last_saved: int | None) -> None:
+  bad = {k: v for k, v in scalars.items() if not math.isfinite(v)}
+  if bad:
+    kept = f"the last good checkpoint (step {last_saved}) is kept" if last_saved is not None \
+        else "no checkpoint had been written yet"
+    raise FapeError(f"Non-finite training metrics at step {step}: {bad}; {kept} and nothing was "
+                    "saved after it. Lower the learning rate or check the data, then restart "
+                    "with the same --workdir to resume from that checkpoint.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from `workdir` if it holds checkpoints), validates, returns the last table."""
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  distributed.assert_same_across_processes("config", config.to_json_best_effort(sort_keys=True))
+  _write_config(workdir, config)
+  log = run_log.RunLog(workdir)
+
+  data = prepare_data(config)
+  mesh = shard_lib.make_mesh(config.mesh.axes, config.mesh.shape)
+  batch_sharding = shard_lib.batch_sharding(mesh, config.data_axes)
+  dp = shard_lib.data_parallel_size(mesh, config.data_axes)
+  if config.data.batch_size % dp:
+    raise FapeError(f"config.data.batch_size={config.data.batch_size} must be a multiple of the "
+                    f"data-parallel size {dp} (mesh {dict(mesh.shape)}).")
+
+  state, shardings, models = create_state(config, mesh)
+  state = init_from_pretrained(state, shardings, config)
+  lpips_fn = lpips_lib.maybe_lpips(config.lpips)
+  step_fn = make_train_step(models, config, shardings, batch_sharding, lpips_fn)
+  eval_fn = make_eval_step(models, shardings["gen"], batch_sharding)
+
+  train_iter = data.train_iterator(_local_batch_size(config.data.batch_size, mesh))
+  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every=config.ckpt_every,
+                               keep=config.keep_checkpoints)
+  view = _checkpoint_view(state, config)
+  abstract = _as_abstract(view, _checkpoint_view(shardings, config))
+  start, restored = ckpt.restore(abstract, train_iter)
+  if restored is not None:
+    state = _merge_restored(state, restored)
+    logging.info("Resumed from %s at step %d.", ckpt.directory, start)
+  start = int(start or 0)
+  last_saved = start if restored is not None else None
+
+  preempt = ckpt_lib.PreemptionFlag()
+  progress = _progress(start, config.total_steps)
+  window, t_window, table = [], time.perf_counter(), {}
+  deadline = time.monotonic() + 60 * config.max_wall_minutes if config.max_wall_minutes else None
+  step = start
+  try:
+    while step < config.total_steps:
+      batch = _to_global(next(train_iter), batch_sharding)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      window.append(metrics)
+      progress.update(1)
+      on_log = step % config.log_every == 0 or step == config.total_steps
+      on_save = step % config.ckpt_every == 0 or step == config.total_steps
+      if on_log or on_save:
+        scalars = _host_scalars(window)
+        _check_finite(step, scalars, last_saved)
+        if on_log:
+          dt = time.perf_counter() - t_window
+          scalars["images_per_s"] = len(window) * config.data.batch_size / max(dt, 1e-9)
+          log.scalars(step, scalars)
+          progress.set_postfix(loss=f"{scalars['loss']:.4f}",
+                               img_s=f"{scalars['images_per_s']:.1f}")
+          window, t_window = [], time.perf_counter()
+      if on_save:
+        ckpt.save(step, _checkpoint_view(state, config), train_iter, force=True)
+        last_saved = step
+      if step % config.eval_every == 0 or step == config.total_steps:
+        table = validate(state, eval_fn, data, config, batch_sharding, step, workdir, log)
+        t_window = time.perf_counter()
+      out_of_time = deadline is not None and time.monotonic() > deadline
+      if preempt.is_set() or out_of_time:
+        if last_saved != step:
+          scalars = _host_scalars(window) if window else {}
+          _check_finite(step, scalars, last_saved)
+          ckpt.save(step, _checkpoint_view(state, config), train_iter, force=True)
+          last_saved = step
+        if out_of_time and not preempt.is_set():
+          logging.warning("Stopping at step %d: max_wall_minutes=%s reached (checkpoint saved).",
+                          step, config.max_wall_minutes)
+          break
+        logging.warning("%s received: checkpoint for step %d saved in %s; restart with the same "
+                        "--workdir to resume.", preempt.signal_name, step, ckpt.directory)
+        raise Preempted(PREEMPTED_EXIT.get(preempt.signal_name or "SIGTERM", 143))
+  finally:
+    progress.close()
+    preempt.restore_handlers()
+    ckpt.close()
+    log.close()
+  return table
+
+
+def _progress(start: int, total: int):
+  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm.tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                   disable=jax.process_index() != 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+  return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def restore_batches(state, eval_fn, examples, batch_size: int, batch_sharding):
+  """Runs the executor over a list of same-sized examples; yields (examples, restored, routing).
+
+  Every process reads the same examples and feeds its slice of each global batch; results are
+  gathered so each process sees the whole batch (process 0 does the writing). The last batch is
+  padded by repeating its final example.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  pc, pi = jax.process_count(), jax.process_index()
+  local = batch_size // pc
+  for i in range(0, len(examples), batch_size):
+    chunk = examples[i:i + batch_size]
+    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+    host = {k: np.stack([e[k] for e in padded[pi * local:(pi + 1) * local]])
+            for k in _DEVICE_KEYS if k in padded[0]}
+    restored, routing = eval_fn(state["gen"]["params"], state["gen"]["frozen"],
+                                _to_global(host, batch_sharding))
+    if pc > 1:
+      restored, routing = multihost_utils.process_allgather((restored, routing), tiled=True)
+    restored, routing = jax.device_get((restored, routing))
+    yield chunk, np.asarray(restored)[:len(chunk)], jax.tree.map(
+        lambda r: np.asarray(r)[:len(chunk)], routing)
+
+
+def validate(state, eval_fn, data, config, batch_sharding, step: int, workdir: epath.Path,
+             log: run_log.RunLog) -> dict:
+  """PSNR (Y channel) per task, degraded vs restored, on the validation split; sample grids."""
+  examples = data.eval_examples(config.num_eval_images)
+  per_task: dict[str, dict[str, list[float]]] = {}
+  samples: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+  for chunk, restored, _ in restore_batches(state, eval_fn, examples,
+                                            config.data.eval_batch_size, batch_sharding):
+    for ex, out in zip(chunk, restored):
+      clean, degraded, out8 = _to_uint8(ex["clean"]), _to_uint8(ex["degraded"]), _to_uint8(out)
+      row = per_task.setdefault(ex["task"], {"degraded": [], "restored": []})
+      row["degraded"].append(metrics_lib.psnr_y(degraded, clean))
+      row["restored"].append(metrics_lib.psnr_y(out8, clean))
+      shots = samples.setdefault(ex["task"], [])
+      if len(shots) < config.num_sample_images:
+        shots.append((degraded, out8, clean))
+  table = {t: {"degraded_psnr": float(np.mean(v["degraded"])),
+               "restored_psnr": float(np.mean(v["restored"])), "n": len(v["degraded"])}
+           for t, v in sorted(per_task.items(), key=lambda kv: _task_order(kv[0]))}
+  if jax.process_index() == 0 and table:
+    flat = {f"psnr/{t}": r["restored_psnr"] for t, r in table.items()}
+    flat["psnr/mean_gain"] = float(np.mean([r["restored_psnr"] - r["degraded_psnr"]
+                                            for r in table.values()]))
+    log.scalars(step, flat, split="val")
+    (workdir / "validation.json").write_text(json.dumps({"step": step, "tasks": table}, indent=2))
+    _write_sample_grid(workdir / "samples" / f"step_{step:07d}.png", samples, log, step)
+    logging.info("Validation at step %d:\n%s", step, format_psnr_table(table))
+    print(f"\nValidation at step {step}\n{format_psnr_table(table)}", flush=True)
+  return table
+
+
+def _task_order(name: str) -> tuple:
+  return (tasks_lib.TASK_ID.get(name, len(tasks_lib.TASKS)), name)
+
+
+def format_psnr_table(table: dict) -> str:
+  lines = [f"{'task':<30} {'n':>4} {'degraded':>9} {'restored':>9} {'gain':>7}"]
+  for t, r in table.items():
+    gain = r["restored_psnr"] - r["degraded_psnr"]
+    lines.append(f"{t:<30} {r['n']:>4} {r['degraded_psnr']:>9.2f} {r['restored_psnr']:>9.2f} "
+                 f"{gain:>+7.2f}")
+  if table:
+    mean = lambda k: float(np.mean([r[k] for r in table.values()]))
+    lines.append(f"{'mean':<30} {sum(r['n'] for r in table.values()):>4} "
+                 f"{mean('degraded_psnr'):>9.2f} {mean('restored_psnr'):>9.2f} "
+                 f"{mean('restored_psnr') - mean('degraded_psnr'):>+7.2f}")
+  return "\n".join(lines)
+
+
+def _write_sample_grid(path: epath.Path, samples: dict, log: run_log.RunLog, step: int) -> None:
+  """One row per sample: degraded | restored | clean, rows grouped by task."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  rows = [np.concatenate(triple, axis=1) for shots in samples.values() for triple in shots]
+  if not rows:
+    return
+  width = max(r.shape[1] for r in rows)
+  rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+  grid = np.concatenate(rows, axis=0)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  Image.fromarray(grid).save(str(path))
+  log.image(step, "samples", grid)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dry run: shapes, shardings and per-device memory without allocating anything
+# ----------------------------------------------------------------------------------------------
+
+def _abstract_mesh(config):
+  """The config's mesh over `config.mesh.dry_run_devices` devices (no real devices needed)."""
+  shape = list(config.mesh.shape)
+  n = int(config.mesh.get("dry_run_devices", 0) or jax.device_count())
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if n % known:
+      raise FapeError(f"dry run: {n} devices do not divide by the mesh's fixed axes {shape}.")
+    shape[shape.index(-1)] = n // known
+  return jax.sharding.AbstractMesh(tuple(shape), tuple(config.mesh.axes))
+
+
+def _per_device_bytes(abstract_tree, shardings_tree, mesh) -> int:
+  total = 0
+  for a, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings_tree)):
+    n = math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
+    for axes in s.spec:
+      if axes is None:
+        continue
+      for ax in (axes,) if isinstance(axes, str) else axes:
+        n //= mesh.shape[ax]
+    total += n
+  return total
+
+
+def _residual_bytes(config, abstract, per_device_batch: int, remat: bool) -> int:
+  """Bytes the backward pass keeps alive for one device's micro-batch.
+
+  jax.vjp's returned function is a pytree whose leaves are exactly the saved residuals, so
+  eval_shape of it measures them without compiling or allocating. Residuals also hold weights the
+  backward needs; those do not grow with the batch, so activations = (residuals at batch 2 -
+  residuals at batch 1) * batch.
+  """
+  cfg = config.copy_and_resolve_references()
+  with cfg.unlocked():
+    cfg.model.remat = remat
+  _, models = abstract_state(cfg)
+  size = cfg.data.crop
+
+  def measure(b: int) -> int:
+    batch = {"degraded": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)}
+    if cfg.plans.enabled:
+      batch["plan_tokens"] = jax.ShapeDtypeStruct((b, cfg.plans.max_tokens, cfg.plans.dim),
+                                                  jnp.float32)
+      batch["plan_mask"] = jax.ShapeDtypeStruct((b, cfg.plans.max_tokens), jnp.bool_)
+
+    def residuals(gparams, gfrozen, batch):
+      fn = lambda p: _generator_forward(models, p, gfrozen, batch)[0]
+      return jax.vjp(fn, gparams)[1]
+
+    res = jax.eval_shape(residuals, abstract["gen"]["params"], abstract["gen"]["frozen"], batch)
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(res) if hasattr(x, "shape"))
+
+  return max(0, measure(2) - measure(1)) * per_device_batch
+
+
+def dry_run(config) -> str:
+  """Memory/sharding table for the config's mesh; builds everything abstractly."""
+  mesh = _abstract_mesh(config)
+  abstract, models = abstract_state(config)
+  sh = state_shardings(abstract, mesh, config)
+  dp = math.prod(mesh.shape[a] for a in config.data_axes if a in mesh.axis_names)
+  if config.data.batch_size % dp:
+    raise FapeError(f"config.data.batch_size={config.data.batch_size} must be a multiple of the "
+                    f"data-parallel size {dp}.")
+  per_dev_batch = config.data.batch_size // dp
+  count = lambda t: sum(math.prod(a.shape) for a in jax.tree.leaves(t))
+  rows = [
+      ("generator trainable params", count(abstract["gen"]["params"]),
+       _per_device_bytes(abstract["gen"]["params"], sh["gen"]["params"], mesh)),
+      ("generator frozen params", count(abstract["gen"]["frozen"]),
+       _per_device_bytes(abstract["gen"]["frozen"], sh["gen"]["frozen"], mesh)),
+      ("generator optimiser state", count(abstract["gen"]["opt"]),
+       _per_device_bytes(abstract["gen"]["opt"], sh["gen"]["opt"], mesh)),
+      ("discriminator params + state", count(abstract["disc"]["params"]) +
+       count(abstract["disc"]["rest"]),
+       _per_device_bytes(abstract["disc"]["params"], sh["disc"]["params"], mesh) +
+       _per_device_bytes(abstract["disc"]["rest"], sh["disc"]["rest"], mesh)),
+      ("discriminator optimiser state", count(abstract["disc"]["opt"]),
+       _per_device_bytes(abstract["disc"]["opt"], sh["disc"]["opt"], mesh)),
+  ]
+  static = sum(r[2] for r in rows)
+  act = {r: _residual_bytes(config, abstract, per_dev_batch, r) for r in (False, True)}
+  gib = lambda b: b / 2**30
+  lines = [f"dry run: config {config.get('variant', '?')}, mesh "
+           f"{dict(zip(mesh.axis_names, mesh.axis_sizes))} ({math.prod(mesh.axis_sizes)} devices), "
+           f"global batch {config.data.batch_size} ({per_dev_batch}/device), "
+           f"{config.data.crop}x{config.data.crop} px, compute {config.model.dtype}",
+           f"{'item':<34} {'elements':>15} {'GiB/device':>11}"]
+  lines += [f"{name:<34} {n:>15,} {gib(b):>11.3f}" for name, n, b in rows]
+  lines.append(f"{'params + optimiser (total)':<34} {'':>15} {gib(static):>11.3f}")
+  for r in (False, True):
+    lines.append(f"{'activations, remat ' + ('on' if r else 'off'):<34} {'':>15} "
+                 f"{gib(act[r]):>11.3f}")
+    lines.append(f"{'  => estimated peak, remat ' + ('on' if r else 'off'):<34} {'':>15} "
+                 f"{gib(static + act[r]):>11.3f}")
+  return "\n".join(lines)
