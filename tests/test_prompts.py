@@ -20,7 +20,8 @@ QUIET = Hints(height=800, width=900, rain_line=0.08, rain_anisotropy=0.44, rain_
               haze_dark=0.1, haze_saturation=0.5, haze_depth=0.0, haze_score=0.3,
               luma_mean=0.5, luma_median=0.5)
 # Strong haze evidence only.
-HAZY = dataclasses.replace(QUIET, haze_score=0.8, haze_depth=0.1, haze_dark=0.6)
+HAZY = dataclasses.replace(QUIET, haze_score=0.8, haze_depth=0.1, haze_dark=0.6,
+                           blur_laplacian_var=0.05)
 
 
 def test_valid_line_parses_with_commas_in_rationale():

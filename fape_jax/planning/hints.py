@@ -67,6 +67,15 @@ class Hints:
   luma_median: float
 
   @property
+  def detail_ratio(self) -> float:
+    """Laplacian variance / grad95^2 (ours): pixel-scale detail per unit of edge strength.
+
+    Low for upsampled images (smooth ramps keep their gradients but lose all curvature), medium
+    for blurred ones, high for intact or noisy ones.
+    """
+    return self.blur_laplacian_var / max(self.blur_grad95, 1e-3) ** 2
+
+  @property
   def rain(self) -> bool:
     return self.rain_line >= RAIN_LINE and self.rain_anisotropy >= RAIN_ANISOTROPY
 

@@ -48,40 +48,31 @@ class Plan:
 
 # ----------------------------------------------------------------------------- rule planner
 
-# Pipelines per task. They describe operations and never name a task (prompt rule 5).
-_PIPELINES = {
-    "deraining": ("estimate the streak orientation", "suppress thin oriented bright lines",
-                  "fill the occluded texture", "keep edges sharp"),
-    "desnowing": ("detect small bright particles", "inpaint the particle regions",
-                  "restore local texture"),
-    "dehazing": ("estimate airlight and transmission", "restore contrast and saturation",
-                 "balance the global tone"),
-    "deblur": ("estimate the blur extent", "recover edges and fine texture",
-               "suppress ringing"),
-    "denoise": ("estimate the noise level in flat areas", "suppress grain and colour speckle",
-                "preserve edges and texture"),
-    "light_enhancement": ("lift the illumination", "restore colour balance",
-                          "suppress amplified noise"),
-    "super_resolution": ("rebuild the structure at full resolution",
-                         "synthesise plausible fine texture", "remove blocking and aliasing"),
+# Pipelines per task: short (they share the K plan tokens with the rest of the line), describing
+# operations and never naming a task (prompt rule 5).
+PIPELINES = {
+    "deraining": ("find streak direction", "remove thin bright lines", "refill texture"),
+    "desnowing": ("find bright particles", "inpaint them", "refill texture"),
+    "dehazing": ("estimate airlight", "restore contrast and colour", "balance tone"),
+    "deblur": ("estimate blur extent", "sharpen edges", "suppress ringing"),
+    "denoise": ("measure grain", "smooth flat areas", "keep edges"),
+    "light_enhancement": ("lift illumination", "fix colour balance", "suppress noise"),
+    "super_resolution": ("rebuild structure", "add fine texture", "remove blocking"),
 }
 
 
 def _rationale(task: str, h: Hints) -> str:
-  # Short, evidence-quoting reasons; they carry no commas so the line stays unambiguous.
+  # Short, evidence-quoting reasons without commas (so the line stays unambiguous).
   return {
-      "deraining": f"oriented thin lines (line score {h.rain_line:.2f}; mid-band power "
-                   f"{h.rain_fft_ratio:.2f}) look like rain streaks",
-      "desnowing": f"{h.snow_blobs} small bright blobs with weak orientation look like snow",
-      "dehazing": f"bright dark channel {h.haze_dark:.2f} and low saturation "
-                  f"{h.haze_saturation:.2f} look like haze",
-      "deblur": f"weak gradients (95th percentile {h.blur_grad95:.3f}) and little high-band "
-                f"energy look like blur",
-      "denoise": f"grain in flat areas (MAD {h.noise_mad:.4f}; chroma {h.noise_chroma:.4f}) "
-                 f"looks like noise",
-      "light_enhancement": f"mean luminance {h.luma_mean:.2f} means the image is under-exposed",
-      "super_resolution": f"blocky or over-smooth detail at {h.width}x{h.height} px looks like "
-                          f"a low-resolution input",
+      "deraining": f"oriented thin lines (line score {h.rain_line:.2f}) look like rain",
+      "desnowing": f"{h.snow_blobs} small bright blobs look like snow",
+      "dehazing": f"dark channel {h.haze_dark:.2f} and saturation {h.haze_saturation:.2f} "
+                  f"look hazy",
+      "deblur": f"soft edges with little detail (ratio {h.detail_ratio:.2f}) look blurred",
+      "denoise": f"grain in flat areas (score {h.noise_score:.2f}) looks like noise",
+      "light_enhancement": f"mean luminance {h.luma_mean:.2f} is under-exposed",
+      "super_resolution": f"smooth ramps without detail (ratio {h.detail_ratio:.3f}) look "
+                          f"upsampled",
   }[task]
 
 
@@ -89,16 +80,20 @@ def _rationale(task: str, h: Hints) -> str:
 class RuleThresholds:
   """The rule planner's decision thresholds.
 
-  Tuned on the *training* split of the synthetic pairs (never on validation); see `decide`.
+  Tuned by a grid search on training images only: the synthetic pairs' train split (336 images,
+  long side <= 256 px) plus the same 8 training photos put through the validation recipe (128 px
+  centre squares, evaluation noise levels, other seeds; 168 images): 92.3 % right on those 504.
+  The validation split was never used for tuning. Where the authors' conflict thresholds differ
+  (e.g. low light at mean < 0.32) it is because they misfire on clean but dark or gray photos.
   """
-  dark_mean: float = 0.32
-  dark_median: float = 0.26
-  haze_score: float = 0.50
-  rain_line: float = 0.16
-  noise_score: float = 0.45
-  snow_density: float = 5.0
-  blur_grad95: float = 0.17
-  use_size_rule: bool = False     # both sides < 512 px -> super_resolution
+  dark_mean: float = 0.20       # luma_mean below -> light_enhancement
+  noise_score: float = 0.60     # noise_score at or above -> denoise
+  sharp_laplacian: float = 0.02 # rain and snow add fine detail: Laplacian variance at or above
+  rain_line: float = 0.14       # ... with a dominant gradient orientation -> deraining
+  snow_density: float = 8.0     # ... with many small bright blobs per 10^4 px -> desnowing
+  sr_detail: float = 0.025      # detail ratio at or below -> super_resolution (x4 upsampled)
+  blur_detail: float = 0.25     # detail ratio at or below -> deblur
+  haze_score: float = 0.50      # then: the authors' haze score at or above -> dehazing
 
 
 class RulePlanner:
@@ -111,27 +106,40 @@ class RulePlanner:
     self.thresholds = thresholds or RuleThresholds()
 
   def decide(self, h: Hints) -> str:
-    """The task, by a decision list over the hints (first match wins)."""
+    """The task, by a decision list over the hints (first match wins).
+
+    Dark first (noise and blur statistics scale with brightness), then noise, then the two
+    additive high-frequency layers (rain, snow) where they come with fine detail, then the detail
+    ratio (Laplacian variance over the squared 95th-percentile gradient) separating x4-upsampled
+    and blurred images from intact ones. What keeps its detail is hazy if the haze score says so;
+    else weaker rain or snow evidence decides; an image with no signature at all goes to
+    dehazing, the low-frequency default.
+    """
     t = self.thresholds
-    if h.luma_mean < t.dark_mean or h.luma_median < t.dark_median:
+    if h.luma_mean < t.dark_mean:
       return "light_enhancement"
+    if h.noise_score >= t.noise_score:
+      return "denoise"
+    sharp = h.blur_laplacian_var >= t.sharp_laplacian
+    if sharp and h.rain_line >= t.rain_line:
+      return "deraining"
+    if sharp and h.snow_blob_density >= t.snow_density:
+      return "desnowing"
+    if h.detail_ratio <= t.sr_detail:
+      return "super_resolution"
+    if h.detail_ratio <= t.blur_detail:
+      return "deblur"
     if h.haze_score >= t.haze_score:
       return "dehazing"
     if h.rain_line >= t.rain_line:
       return "deraining"
-    if h.noise_score >= t.noise_score:
-      return "denoise"
     if h.snow_blob_density >= t.snow_density:
       return "desnowing"
-    if t.use_size_rule and h.low_resolution:
-      return "super_resolution"
-    if h.blur_grad95 <= t.blur_grad95:
-      return "deblur"
-    return "super_resolution"
+    return "dehazing"
 
   def plan_from_hints(self, h: Hints) -> Plan:
     task = self.decide(h)
-    rationale, pipeline = _rationale(task, h), _PIPELINES[task]
+    rationale, pipeline = _rationale(task, h), PIPELINES[task]
     line = prompts.format_plan(task, FOCUS[task], rationale, pipeline)
     return Plan(task=task, focus=FOCUS[task], rationale=rationale, pipeline=pipeline,
                 raw=(line,), hints=h)
