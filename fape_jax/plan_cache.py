@@ -1,0 +1,47 @@
+r"""Offline plan caching: plan and encode every degraded image of a pairs store.
+
+  python -m fape_jax.plan_cache --config=configs/plan_cache.py
+  python -m fape_jax.plan_cache --config=configs/plan_cache.py:hf \
+      --config.pairs.data_dir=/data --config.planner.model=/models/Qwen2.5-VL-7B-Instruct
+  python -m fape_jax.plan_cache --config=configs/plan_cache.py --shard_index=0 --num_shards=4
+
+Sharding: --shard_index/--num_shards, or the JAX process index/count when jax.distributed is
+initialised. Re-running with the same settings resumes (ids already in the store are skipped).
+"""
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from fape_jax.errors import FapeError
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/plan_cache.py",
+                                          "Plan-cache config file.", lock_config=True)
+_SHARD_INDEX = flags.DEFINE_integer("shard_index", None, "This process's shard (default: JAX "
+                                    "process index).")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", None, "Number of shards (default: JAX process "
+                                   "count).")
+_SUMMARY_JSON = flags.DEFINE_string("summary_json", None, "Also write the summary dict here.")
+
+
+def main(argv):
+  del argv
+  try:
+    from fape_jax.planning import job  # pylint: disable=g-import-not-at-top (after flag parsing)
+    summary = job.run(_CONFIG.value, shard_index=_SHARD_INDEX.value, num_shards=_NUM_SHARDS.value)
+  except FapeError as e:
+    logging.error("%s", e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(job.format_summary(summary))
+  if _SUMMARY_JSON.value:
+    with open(_SUMMARY_JSON.value, "w") as f:
+      json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
