@@ -6,13 +6,15 @@ dots is its diffusers state-dict name once the leaf is renamed (`kernel`/`scale`
 torch conv weights (O, I, kh, kw) and Flax (kh, kw, I, O).
 
 Public API:
-  `diffusers_name(path)` / `flax_path(name)`: rename one parameter either way.
+  `diffusers_name(path)`: Flax parameter path -> diffusers name; `name_map(module)`: all of a
+    module's diffusers names -> Flax paths (the rename both ways).
   `to_flax_layout(arr)` / `to_torch_layout(arr)`: re-lay one tensor either way.
   `load_state_into(module, tensors, strict=True)`: fill a (possibly abstract) module from a flat
     diffusers state dict (numpy arrays), checking names and shapes.
   `module_state_dict(module)`: the inverse, a flat diffusers state dict of numpy arrays.
-  `read_model_folder(path, subfolder, class_name)`: (config dict, tensors) from a local diffusers
-    model folder or pipeline folder; reads safetensors with `safetensors.numpy` (no torch).
+  `parameter_shapes(module)`: diffusers name -> torch-layout shape, also for abstract modules.
+  `read_model_folder(path, subfolder)`: (raw config, tensors, folder) of a local diffusers model
+    folder or pipeline folder; reads safetensors with `safetensors.numpy` (no torch needed).
   `parse_config(raw, spec, where)`: strict config checking shared by unet.py and vae.py.
 """
 from __future__ import annotations
@@ -112,21 +114,14 @@ _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn
 def diffusers_name(path: tuple[Any, ...]) -> str:
   """Flax parameter path -> diffusers state-dict name, e.g.
 
-  ('down_blocks', 0, 'attentions', 0, 'proj_in', 'kernel') -> 'down_blocks.0.attentions.0.proj_in.weight'.
+  ('down_blocks', 0, 'attentions', 0, 'proj_in', 'kernel')
+    -> 'down_blocks.0.attentions.0.proj_in.weight'.
   """
   *parents, leaf = (str(p) for p in path)
   if leaf not in _LEAF_TO_TORCH:
     raise FapeError(f"parameter {'.'.join(parents + [leaf])} has no diffusers counterpart "
                     f"(only kernel/scale/bias leaves map to weight/bias).")
   return ".".join(parents + [_LEAF_TO_TORCH[leaf]])
-
-
-def flax_path(name: str, *, is_norm: bool) -> tuple[Any, ...]:
-  """diffusers state-dict name -> Flax path. `weight` is `scale` for norms, else `kernel`."""
-  *parents, leaf = name.split(".")
-  if leaf == "weight":
-    leaf = "scale" if is_norm else "kernel"
-  return tuple(int(p) if p.isdigit() else p for p in parents) + (leaf,)
 
 
 def to_flax_layout(arr: np.ndarray) -> np.ndarray:
@@ -148,7 +143,11 @@ def to_torch_layout(arr: np.ndarray) -> np.ndarray:
 
 
 def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
-  return tuple(to_torch_layout(np.empty(shape, dtype=np.bool_)).shape)
+  if len(shape) == 2:
+    return (shape[1], shape[0])
+  if len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return tuple(shape)
 
 
 def _param_table(module: nnx.Module, variables: Any) -> dict[str, nnx.Variable]:
@@ -219,9 +218,25 @@ def load_state_into(module: nnx.Module, tensors: Mapping[str, np.ndarray], *,
   return module
 
 
+def name_map(module: nnx.Module, variables: Any = nnx.Param) -> dict[str, tuple[Any, ...]]:
+  """diffusers state-dict name -> Flax parameter path, for every parameter of `module`."""
+  return {diffusers_name(path): tuple(path)
+          for path, _ in nnx.to_flat_state(nnx.state(module, variables))}
+
+
+def parameter_shapes(module: nnx.Module, variables: Any = nnx.Param) -> dict[str, tuple[int, ...]]:
+  """diffusers name -> torch-layout shape of every parameter (works on abstract modules)."""
+  return {name: _torch_shape(tuple(var.get_value().shape))
+          for name, var in _param_table(module, variables).items()}
+
+
 def module_state_dict(module: nnx.Module, variables: Any = nnx.Param) -> dict[str, np.ndarray]:
-  """The module's parameters as a flat diffusers state dict (torch layout, numpy float32)."""
-  return {name: to_torch_layout(np.asarray(var.get_value()))
+  """The module's parameters as a flat diffusers state dict (torch layout, numpy float32).
+
+  Arrays are fresh, writable and C-contiguous: ready for `safetensors.numpy.save_file` or
+  `torch.from_numpy`.
+  """
+  return {name: np.ascontiguousarray(to_torch_layout(np.array(var.get_value())))
           for name, var in _param_table(module, variables).items()}
 
 

@@ -411,7 +411,8 @@ class UNet2DConditionModel(nnx.Module):
       raise FapeError(f"{_NAME}: sample must be NHWC with {cfg['in_channels']} channels, got "
                       f"shape {tuple(sample.shape)}.")
     ctx_dims = set(_per_block(cfg, "cross_attention_dim", len(cfg["down_block_types"]), "config"))
-    if context.ndim != 3 or context.shape[0] != sample.shape[0] or context.shape[-1] not in ctx_dims:
+    if (context.ndim != 3 or context.shape[0] != sample.shape[0]
+        or context.shape[-1] not in ctx_dims):
       raise FapeError(f"{_NAME}: encoder_hidden_states must be (B={sample.shape[0]}, K, "
                       f"{'/'.join(map(str, sorted(ctx_dims)))}), got {tuple(context.shape)}.")
     if mask is not None and tuple(mask.shape) != tuple(context.shape[:2]):
