@@ -14,6 +14,7 @@ from fape_jax.data import pairs
 from fape_jax.errors import FapeError
 from fape_jax.planning import job
 from fape_jax.planning.store import open_plan_store
+from fape_jax.planning.tiny_mllm import write_tiny_mllm
 from fape_jax.tasks import TASKS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,3 +166,21 @@ def test_cli(data_dir, tmp_path):
                        capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2
   assert "outside [0, 2)" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_job_with_hf_planner_and_mllm_encoder(data_dir, tmp_path):
+  tiny = write_tiny_mllm(tmp_path / "tiny_mllm")
+  config = _config(data_dir, tmp_path / "hf", ("validation",), limit=4, batch_size=3,
+                   **{"planner.kind": "hf", "planner.model": tiny, "planner.max_new_tokens": 8,
+                      "encoder.kind": "mllm", "encoder.dtype": "bfloat16"})
+  summary = job.run(config, shard_index=0, num_shards=1)
+  m = summary["manifest"]
+  assert (m["planner"], m["model_id"], m["encoder"], m["encoder_model"]) == (
+      "hf", tiny, "mllm", tiny)
+  assert (m["K"], m["D"], m["dtype"], m["count"]) == (32, 32, "bfloat16", 4)
+  # The random model never writes a usable line: every plan is the rule fallback after 2 retries.
+  assert summary["fallback_rate"] == 1.0 and summary["mean_retries"] == 2.0
+  store = open_plan_store(tmp_path / "hf")
+  rec = store.record(store.ids[0])
+  assert len(rec["raw"]) == 3 and rec["fallback"]
+  assert store[store.ids[0]]["mask"].all()        # the conversation is longer than K = 32

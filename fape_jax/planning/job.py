@@ -163,7 +163,8 @@ def run(config, *, shard_index: int | None = None, num_shards: int | None = None
   sources = dict(sources) if sources is not None else _open_sources(config)
   path = store_path(config)
   planner = build_planner(config.planner)
-  encoder = build_encoder(config.encoder, planner_model=getattr(planner, "model_id", ""))
+  encoder = build_encoder(config.encoder,
+                          planner_model=planner.model_id if planner.name == "hf" else "")
   settings = {
       "format": FORMAT, "planner": planner.name, "model_id": planner.model_id,
       "encoder": encoder.name, "encoder_model": encoder.model_id, "K": encoder.max_tokens,

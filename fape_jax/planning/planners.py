@@ -200,8 +200,9 @@ def resolve_device(device: str = "auto") -> str:
   if device == "auto":
     return "cuda" if torch.cuda.is_available() else "cpu"
   if device.startswith("cuda") and not torch.cuda.is_available():
-    raise FapeError(f"Planner device {device!r} requested but torch sees no CUDA device; "
-                    "use --config.planner.device=cpu (slow) or run on a GPU machine.")
+    raise FapeError(f"Device {device!r} requested but torch sees no CUDA device; set "
+                    "--config.planner.device / --config.encoder.device to cpu (slow) or auto, or "
+                    "run on a GPU machine.")
   return device
 
 
