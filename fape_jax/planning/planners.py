@@ -29,21 +29,13 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
-  """One image's plan: the parsed fields, every raw answer, the hints, and how it was reached."""
-  task: str
-  focus: str
-  rationale: str
-  pipeline: tuple[str, ...]
+class Plan(prompts.ParsedPlan):
+  """One image's plan: the parsed fields (and `.text`), every raw answer, the hints, and how it
+  was reached."""
   raw: tuple[str, ...]          # every answer the planner produced, in order
   hints: Hints
   n_retries: int = 0            # re-prompts needed (0: the first answer was used)
   fallback: bool = False        # True: no usable answer after the retries; the rule plan is used
-
-  @property
-  def text(self) -> str:
-    """The canonical one-line plan (what the encoders embed)."""
-    return prompts.format_plan(self.task, self.focus, self.rationale, self.pipeline)
 
 
 # ----------------------------------------------------------------------------- rule planner
