@@ -23,7 +23,7 @@ from tqdm import tqdm
 from fape_jax.errors import FapeError
 from fape_jax.planning.encoders import build_encoder
 from fape_jax.planning.planners import build_planner
-from fape_jax.planning.store import FORMAT, PlanStore, PlanStoreWriter
+from fape_jax.planning.store import PlanStore, PlanStoreWriter
 from fape_jax.tasks import FOCUS, TASK_ID, TASKS
 
 # Settings that change what is planned or encoded (they make the config hash; device, batch
@@ -166,7 +166,7 @@ def run(config, *, shard_index: int | None = None, num_shards: int | None = None
   encoder = build_encoder(config.encoder,
                           planner_model=planner.model_id if planner.name == "hf" else "")
   settings = {
-      "format": FORMAT, "planner": planner.name, "model_id": planner.model_id,
+      "planner": planner.name, "model_id": planner.model_id,
       "encoder": encoder.name, "encoder_model": encoder.model_id, "K": encoder.max_tokens,
       "D": encoder.dim, "dtype": config.encoder.dtype, "config_hash": config_hash(config),
       "pairs": config.pairs.name,
