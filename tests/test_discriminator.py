@@ -157,6 +157,16 @@ def test_losses_match_torch_bce_with_logits():
   assert g(best) < g(best + 1.0) and g(best) < g(best - 1.0)
 
 
+@pytest.mark.parametrize("widths, fractions, levels", [
+    ((8, 8, 8), (0.25, 0.5, 1.0), (0, 1, 2)),  # depths 1/3, 2/3, 1: no tie at 0.5
+    ((8, 8, 8, 8, 8, 8, 8, 8), (0.25, 0.5, 1.0), (1, 3, 7)),
+    ((8, 8), (0.5, 1.0), (0, 1)),
+])
+def test_levels_are_the_shallowest_maps_at_least_that_deep(widths, fractions, levels):
+  depths = tuple((i + 1) / len(widths) for i in range(len(widths)))
+  assert dmod._pick_levels(depths, fractions, "config.disc") == levels
+
+
 @pytest.mark.parametrize("overrides, match", [
     (dict(backbone="siglip"), "choose one of"),
     (dict(backbone="vgg16"), "vgg16_path"),

@@ -1,7 +1,7 @@
 """The multi-level spectral-norm discriminator (METHOD.md section 5) and the adversarial losses.
 
-A feature backbone gives maps at three depths (25 %, 50 %, 100 % of its layers by default) and a
-pooled embedding. Each map gets a trainable head
+A feature backbone gives maps at three depths (the first at least 25 %, 50 %, 100 % of its layers
+deep, by default) and a pooled embedding. Each map gets a trainable head
 
     BlurPool -> SN conv3x3 stride 2 (head_width) -> LeakyReLU 0.2 -> BlurPool -> SN conv1x1 -> 1 ch
 
@@ -42,8 +42,9 @@ variables. So the discriminator step calls D once on the concatenated real+fake 
 `jax.jit` + `jax.grad`, the BatchStat write-back raises flax's TraceContextError (the Variables in
 `stats` belong to the outer jit trace). With NNX's own transforms (`nnx.value_and_grad(...,
 argnums=nnx.DiffState(0, TRAINABLE))` and `nnx.Optimizer(disc, tx, wrt=TRAINABLE)`), the BatchStat
-writes simply persist in the module. The generator step calls D with `update_stats=False` (it must not advance D's state); evaluation
-too. Without the argument, the mode set by `disc.train()` / `disc.eval()` applies.
+writes simply persist in the module. The generator step calls D with `update_stats=False` (it
+must not advance D's state), and so does evaluation. Without the argument, the mode set by
+`disc.train()` / `disc.eval()` applies.
 
 Flax's `nnx.SpectralNorm` also overwrites the wrapped kernel with the normalised one on every call
 (google/flax#5576), which under `nnx.grad`/`nnx.Optimizer` would make the optimiser step the
@@ -165,11 +166,15 @@ class _PooledHead(nnx.Module):
 
 def _pick_levels(depth_fractions: Sequence[float], wanted: Sequence[float], where: str
                  ) -> tuple[int, ...]:
-  """Index of the backbone map nearest each wanted depth fraction; they must be distinct."""
+  """For each wanted fraction, the shallowest backbone map at least that deep; must be distinct.
+
+  "At least that deep" rather than "nearest" has no ties: with 3 stages (depths 1/3, 2/3, 1),
+  (0.25, 0.5, 1.0) picks all three; VGG16 gives relu2_2, relu3_3, relu5_3 (4/13, 7/13, 13/13).
+  """
   if not wanted or any(not 0.0 < f <= 1.0 for f in wanted):
     raise FapeError(f"{where}.level_fractions={tuple(wanted)}: give one or more depth fractions "
                     "in (0, 1], e.g. (0.25, 0.5, 1.0).")
-  idx = tuple(int(np.argmin([abs(d - f) for d in depth_fractions])) for f in wanted)
+  idx = tuple(next(i for i, d in enumerate(depth_fractions) if d >= f - 1e-9) for f in wanted)
   if len(set(idx)) != len(idx):
     raise FapeError(f"{where}.level_fractions={tuple(wanted)} map to the same backbone layers "
                     f"{idx} (the backbone has {len(depth_fractions)} feature maps); use fewer "

@@ -31,7 +31,7 @@ class PretrainedWeight(nnx.Variable):
 
 
 # torchvision VGG16 `features`: (index of the Conv2d in the Sequential, in channels, out channels).
-# ReLU follows every conv; MaxPool2d(2, 2) sits at indices 4, 9, 16, 23 (before convs 5, 10, 17, 24).
+# ReLU follows every conv; a MaxPool2d(2, 2) (indices 4, 9, 16, 23) precedes convs 5, 10, 17, 24.
 VGG16_CONVS = ((0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256),
                (12, 256, 256), (14, 256, 256), (17, 256, 512), (19, 512, 512), (21, 512, 512),
                (24, 512, 512), (26, 512, 512), (28, 512, 512))
