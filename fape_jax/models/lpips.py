@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from fape_jax.errors import FapeError
+from fape_jax.models.convert import to_flax_layout
 
 
 class PretrainedWeight(nnx.Variable):
@@ -99,7 +100,7 @@ class VGG16Features(nnx.Module):
     for idx, cin, cout in VGG16_CONVS:
       w = _take(state_dict, f"features.{idx}.weight", (cout, cin, 3, 3), where)
       b = _take(state_dict, f"features.{idx}.bias", (cout,), where)
-      kernels.append(PretrainedWeight(jnp.asarray(w.transpose(2, 3, 1, 0))))  # OIHW -> HWIO
+      kernels.append(PretrainedWeight(jnp.asarray(to_flax_layout(w))))  # OIHW -> HWIO
       biases.append(PretrainedWeight(jnp.asarray(b)))
     self.kernels = nnx.List(kernels)
     self.biases = nnx.List(biases)
