@@ -13,6 +13,9 @@ Override anything with dotted flags, e.g. `--config.total_steps=50`.
 
 import ml_collections
 
+from fape_jax.models import discriminator
+from fape_jax.models import lora_moe
+
 TINY_UNET = dict(
     sample_size=32,
     in_channels=3,
@@ -86,7 +89,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # --- data: pairs store (TFDS/ArrayRecord) and the Grain pipeline ---
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = "data"          # stores are built here when missing (relative to the cwd)
-  c.data.name = "synthetic"         # pairs store: the embedded synthetic corpus
+  c.data.name = "synthetic"         # pairs store: the embedded synthetic corpus, or a benchmark
+  c.data.manual_dir = ""            # benchmark name: its folder in the usual layout (built once)
   c.data.variants_per_image = 6     # K degraded variants per corpus image per task
   c.data.train_max_side = 256       # train images are resized so their long side is <= this
   c.data.val_size = 128             # validation pairs are this square size (one compiled shape)
@@ -94,19 +98,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.batch_size = 8             # global batch (split over processes and devices)
   c.data.eval_batch_size = 8
   c.data.skip_bad = False
+  c.data.val_variants = 3           # degraded variants per validation image per task
   c.data.read_threads = 2
   c.data.prefetch = 2
 
-  # --- plans: offline plan cache (planner + encoder), read by id ---
+  # --- plans: offline plan cache (planner + encoder), read by id; same fields as
+  # configs/plan_cache.py, so training can build the embedded default's store when it is missing ---
   c.plans = ml_collections.ConfigDict()
-  c.plans.enabled = True            # False: no plan context (ablation); a learned null token
-  c.plans.planner = "rule"          # rule | hf
-  c.plans.model_id = ""             # hf planner / mllm encoder: local path or HF cache id
-  c.plans.encoder = "text"          # text (MiniLM, 384-d) | mllm
-  c.plans.max_tokens = 32           # K
-  c.plans.dim = 384                 # D of the cached plan tokens
-  c.plans.dtype = "float16"
-  c.plans.store_dir = ""            # default: <data_dir>/plans/<name>-<planner>-<encoder>-K<K>
+  c.plans.enabled = True            # False: no plan context (ablation): a learned null token
+  c.plans.dim = 384                 # D of the cached plan tokens (checked against the store)
+  c.plans.planner = ml_collections.ConfigDict(dict(
+      kind="rule", model="", device="auto", batch_size=4, max_new_tokens=512, temperature=0.7,
+      top_p=0.9, retry_temperatures=(0.2, 0.5), seed=0, image_max_side=1024))
+  c.plans.encoder = ml_collections.ConfigDict(dict(
+      kind="text", model="", max_tokens=32, dtype="float16", device="auto", batch_size=64,
+      template="Restore this image according to {plan}"))  # mllm encoder conversation
+  c.plans.store_path = ""           # "" = <data_dir>/plans/<name>-<planner>-<encoder>-K<K>
+  c.plans.build_if_missing = True   # run the plan-cache job (rule/text only) when absent
 
   # --- model: executor = (VAE) + UNet + frequency LoRA-MoE + plan projector ---
   c.model = ml_collections.ConfigDict()
@@ -117,19 +125,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.residual = True
   c.model.dtype = "float32"         # compute dtype; parameters stay float32
   c.model.remat = False
-  c.model.lora = ml_collections.ConfigDict(dict(
-      ranks=(8, 8), alpha=1.0, patterns=("to_q", "to_k", "to_v", "to_out.0"), conv_lora=False,
-      dense=False, band_mode="fft2d", cutoff=0.25, fir_sigma=2.0, fir_taps=9,
-      top1="soft", temperature=1.0, token_gate=False, text_router=True, spectral_router=True,
-      image_descriptor=False))
+  # Frequency LoRA-MoE: every field is documented in lora_moe.default_lora_config (paper values).
+  c.model.lora = lora_moe.default_lora_config()
   c.train_base_unet = True          # from scratch: the whole UNet trains (no pretrained weights)
   c.init_from = ""                  # local diffusers folder (unet/, vae/) or exported adapters
 
   # --- losses ---
   c.loss = ml_collections.ConfigDict(dict(w_mse=50.0, w_lpips=5.0, w_adv=0.5, w_freq=1e-3))
-  c.lpips = ml_collections.ConfigDict(dict(vgg_path="", lin_path=""))
-  c.disc = ml_collections.ConfigDict(dict(
-      backbone="conv", widths=(32, 64, 128), head_width=64, pretrained_path=""))
+  # LPIPS needs local weights (torchvision VGG16 + lpips' vgg.pth); unset = term switched off.
+  c.lpips = ml_collections.ConfigDict(dict(vgg16_path="", lin_path=""))
+  # Discriminator: fields in discriminator.default_discriminator_config. The embedded default
+  # trains a small conv backbone; `backbone="vgg16"` + `vgg16_path` gives the frozen pretrained one.
+  c.disc = discriminator.default_discriminator_config()
+  c.disc.conv_widths = (32, 64, 128)
+  c.disc.head_width = 64
 
   # --- optimisation ---
   c.optim = ml_collections.ConfigDict()
@@ -167,6 +176,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if arg == "tiny":
     c.model.unet = ml_collections.ConfigDict(TINY_UNET)
     c.model.lora.ranks = (2, 2)
+    c.disc.conv_widths = (8, 16)
+    c.disc.level_fractions = (0.5, 1.0)
+    c.disc.head_width = 8
     c.data.variants_per_image = 1
     c.data.train_max_side = 64
     c.data.val_size = 32
@@ -174,9 +186,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.batch_size = 4
     c.data.eval_batch_size = 4
     c.data.read_threads = 1
-    c.plans.max_tokens = 8
-    c.disc.widths = (8, 16, 16)
-    c.disc.head_width = 8
+    c.plans.encoder.max_tokens = 8
     c.total_steps = 6
     c.log_every = 2
     c.eval_every = 6
@@ -194,14 +204,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.crop = 512
     c.data.batch_size = 8
     c.data.train_max_side = 0       # real data: no resizing
-    c.plans.planner = "hf"
-    c.plans.model_id = "Qwen/Qwen2.5-VL-7B-Instruct"
-    c.plans.encoder = "mllm"
+    c.plans.planner.kind = "hf"
+    c.plans.planner.model = "Qwen/Qwen2.5-VL-7B-Instruct"
+    c.plans.encoder.kind = "mllm"
+    c.plans.encoder.max_tokens = 64
+    c.plans.encoder.dtype = "bfloat16"
     c.plans.dim = 3584
-    c.plans.max_tokens = 64
-    c.plans.dtype = "bfloat16"
-    c.disc.backbone = "vgg16"
-    c.disc.head_width = 512
+    c.plans.build_if_missing = False  # build it with launch/plan_cache_slurm.sbatch first
+    # Paper-width heads; add --config.disc.backbone=vgg16 --config.disc.vgg16_path=... for the
+    # frozen pretrained backbone.
+    c.disc = discriminator.default_discriminator_config()
     c.total_steps = 200_000
     c.log_every = 50
     c.eval_every = 5000

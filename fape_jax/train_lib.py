@@ -42,6 +42,8 @@ from fape_jax import metrics as metrics_lib
 from fape_jax import run_log
 from fape_jax import sharding as shard_lib
 from fape_jax import tasks as tasks_lib
+from fape_jax.data import pairs
+from fape_jax.data import pipeline
 from fape_jax.errors import FapeError
 from fape_jax.models import discriminator as disc_lib
 from fape_jax.models import executor as executor_lib
@@ -74,12 +76,13 @@ def gen_trainable_filter(config):
 
 
 def build_generator(config, rngs: nnx.Rngs):
-  return executor_lib.build_executor(config.model, plan_dim=config.plans.dim if config.plans.enabled
-                                     else None, rngs=rngs)
+  model = config.model.to_dict()
+  model["plan_dim"] = config.plans.dim if config.plans.enabled else None
+  return executor_lib.build_executor(model, rngs=rngs)
 
 
 def build_discriminator(config, rngs: nnx.Rngs):
-  return disc_lib.build_discriminator(config.disc, rngs=rngs)
+  return disc_lib.Discriminator(config.disc, rngs=rngs)
 
 
 def _schedule(cfg, total_steps: int):
@@ -113,7 +116,7 @@ def _init_state(config, models_out: list | None = None):
   gen = build_generator(config, rngs)
   disc = build_discriminator(config, rngs)
   gen_filter = gen_trainable_filter(config)
-  disc_filter = disc_lib.trainable_filter(disc)
+  disc_filter = disc_lib.TRAINABLE
   gen_def, gparams, gfrozen = nnx.split(gen, gen_filter, ...)
   disc_def, dparams, drest = nnx.split(disc, disc_filter, ...)
   g_tx = make_optimizer(config.optim.g, config.optim.clip_norm, config.total_steps)
@@ -171,14 +174,20 @@ def _generator_forward(models: Models, gen_params, gen_frozen, batch):
 
 
 def _disc_logits(models: Models, dparams, drest, images, update_stats: bool):
-  disc = nnx.merge(models.disc_def, dparams, drest)
+  """D(images); with `update_stats`, also the advanced spectral-norm power-iteration state."""
+  # copy=True: fresh Variables at this trace level, so the BatchStat write-back is legal under
+  # jit + grad (see discriminator.py).
+  disc = nnx.merge(models.disc_def, dparams, drest, copy=True)
   logits = disc(images, update_stats=update_stats)
-  _, _, new_rest = nnx.split(disc, models.disc_trainable, ...)
-  return logits, new_rest
+  return logits, nnx.state(disc, nnx.Not(models.disc_trainable))
 
 
-def train_step(state, batch, *, models: Models, config, g_tx, d_tx, lpips_fn):
-  """One generator update and (every `d_every` steps) one discriminator update."""
+def train_step(state, batch, lpips_state, *, models: Models, config, g_tx, d_tx, lpips_def):
+  """One generator update and (every `d_every` steps) one discriminator update.
+
+  `lpips_state` (frozen LPIPS weights, or None when LPIPS is off) is an argument rather than a
+  closure so its arrays are not baked into the compiled program as constants.
+  """
   lw = config.loss
   step = state["step"]
   adv_on = (step >= config.optim.d_warmup_steps).astype(jnp.float32)
@@ -187,11 +196,12 @@ def train_step(state, batch, *, models: Models, config, g_tx, d_tx, lpips_fn):
     restored, aux = _generator_forward(models, gparams, state["gen"]["frozen"], batch)
     clean = batch["clean"]
     mse = jnp.mean(jnp.square(restored.astype(jnp.float32) - clean))
-    lp = lpips_fn(restored, clean) if lpips_fn is not None else jnp.zeros(())
+    lp = (jnp.mean(nnx.merge(lpips_def, lpips_state)(restored, clean))
+          if lpips_def is not None else jnp.zeros(()))
     fake_logits, _ = _disc_logits(models, state["disc"]["params"], state["disc"]["rest"],
                                   restored, update_stats=False)
-    adv = disc_lib.generator_adversarial_loss(fake_logits)
-    freq = aux["freq_loss"]
+    adv = disc_lib.generator_adversarial_loss(fake_logits, config.disc.real_target)
+    freq = losses.frequency_loss(aux["freq_terms"])
     total = (lw.w_mse * mse + lw.w_lpips * lp + adv_on * lw.w_adv * adv + lw.w_freq * freq)
     return total, ({"loss": total, "mse": mse, "lpips": lp, "adv": adv, "freq": freq},
                    restored)
@@ -205,9 +215,11 @@ def train_step(state, batch, *, models: Models, config, g_tx, d_tx, lpips_fn):
 
   def d_update(dstate):
     def d_loss_fn(dparams):
-      real_logits, rest = _disc_logits(models, dparams, dstate["rest"], batch["clean"], True)
-      fake_logits, rest = _disc_logits(models, dparams, rest, fake, True)
-      loss = disc_lib.discriminator_loss(real_logits, fake_logits)
+      # Real and fake in one call: one power-iteration update per step.
+      logits, rest = _disc_logits(models, dparams, dstate["rest"],
+                                  jnp.concatenate([batch["clean"], fake]), True)
+      real_logits, fake_logits = jnp.split(logits, 2)
+      loss = disc_lib.discriminator_loss(real_logits, fake_logits, config.disc.real_target)
       return loss, (rest, jnp.mean(real_logits), jnp.mean(fake_logits))
     (dloss, (rest, real_m, fake_m)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(
         dstate["params"])
@@ -231,14 +243,24 @@ def train_step(state, batch, *, models: Models, config, g_tx, d_tx, lpips_fn):
   return new_state, metrics
 
 
-def make_train_step(models: Models, config, shardings, batch_sharding, lpips_fn):
+def make_train_step(models: Models, config, shardings, batch_sharding, lpips_model=None):
+  """The compiled step `(state, batch) -> (state, metrics)`, state donated."""
   g_tx = make_optimizer(config.optim.g, config.optim.clip_norm, config.total_steps)
   d_tx = make_optimizer(config.optim.d, config.optim.clip_norm, config.total_steps)
-  step_fn = functools.partial(train_step, models=models, config=config, g_tx=g_tx, d_tx=d_tx,
-                              lpips_fn=lpips_fn)
   replicated = shard_lib.NamedSharding(batch_sharding.mesh, shard_lib.P())
-  return jax.jit(step_fn, in_shardings=(shardings, batch_sharding),
-                 out_shardings=(shardings, replicated), donate_argnums=0)
+  lpips_def, lpips_state = nnx.split(lpips_model) if lpips_model is not None else (None, None)
+  lpips_state = jax.device_put(lpips_state, replicated) if lpips_state is not None else None
+  step_fn = functools.partial(train_step, models=models, config=config, g_tx=g_tx, d_tx=d_tx,
+                              lpips_def=lpips_def)
+  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, replicated),
+                   out_shardings=(shardings, replicated), donate_argnums=0)
+
+  def step(state, batch):
+    return jitted(state, batch, lpips_state)
+
+  step.jitted = jitted  # exposed for compile-cache checks and cost analysis
+  step.lpips_state = lpips_state
+  return step
 
 
 def make_eval_step(models: Models, gen_shardings, batch_sharding):
@@ -297,14 +319,6 @@ def _write_config(workdir: epath.Path, config) -> None:
   path.write_text(text)
 
 
-def _local_batch_size(global_batch: int, mesh) -> int:
-  nproc = jax.process_count()
-  if global_batch % nproc:
-    raise FapeError(f"config.data.batch_size={global_batch} does not divide over {nproc} "
-                    "processes; use a multiple of the process count.")
-  return global_batch // nproc
-
-
 def _to_global(batch: dict, batch_sharding) -> dict:
   """Process-local numpy batch -> global jax.Arrays sharded over the data axes."""
   return {k: jax.make_array_from_process_local_data(batch_sharding, v)
@@ -348,11 +362,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   state, shardings, models = create_state(config, mesh)
   state = init_from_pretrained(state, shardings, config)
-  lpips_fn = lpips_lib.maybe_lpips(config.lpips)
-  step_fn = make_train_step(models, config, shardings, batch_sharding, lpips_fn)
+  lpips_model = lpips_lib.maybe_load_lpips(config.lpips.vgg16_path, config.lpips.lin_path)
+  step_fn = make_train_step(models, config, shardings, batch_sharding, lpips_model)
   eval_fn = make_eval_step(models, shardings["gen"], batch_sharding)
 
-  train_iter = data.train_iterator(_local_batch_size(config.data.batch_size, mesh))
+  train_iter = data.train_iterator()
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every=config.ckpt_every,
                                keep=config.keep_checkpoints)
   view = _checkpoint_view(state, config)
@@ -366,12 +380,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   preempt = ckpt_lib.PreemptionFlag()
   progress = _progress(start, config.total_steps)
-  window, t_window, table = [], time.perf_counter(), {}
+  window, t_window, table, index_sum = [], time.perf_counter(), {}, 0
   deadline = time.monotonic() + 60 * config.max_wall_minutes if config.max_wall_minutes else None
   step = start
   try:
     while step < config.total_steps:
-      batch = _to_global(next(train_iter), batch_sharding)
+      host_batch = next(train_iter)
+      index_sum += int(host_batch["index"].sum())
+      batch = _to_global(host_batch, batch_sharding)
       state, metrics = step_fn(state, batch)
       step += 1
       window.append(metrics)
@@ -384,6 +400,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if on_log:
           dt = time.perf_counter() - t_window
           scalars["images_per_s"] = len(window) * config.data.batch_size / max(dt, 1e-9)
+          # Fingerprint of the data order (sum of stream positions seen since the last log):
+          # a resumed run must reproduce it exactly.
+          scalars["data_index_sum"] = index_sum
+          index_sum = 0
           log.scalars(step, scalars)
           progress.set_postfix(loss=f"{scalars['loss']:.4f}",
                                img_s=f"{scalars['images_per_s']:.1f}")
@@ -430,49 +450,52 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
   return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def restore_batches(state, eval_fn, examples, batch_size: int, batch_sharding):
-  """Runs the executor over a list of same-sized examples; yields (examples, restored, routing).
-
-  Every process reads the same examples and feeds its slice of each global batch; results are
-  gathered so each process sees the whole batch (process 0 does the writing). The last batch is
-  padded by repeating its final example.
-  """
+def _local_rows(x: jax.Array, mesh, data_axes) -> np.ndarray:
+  """This process's rows of a batch-sharded global array (its own examples, in order)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  pc, pi = jax.process_count(), jax.process_index()
-  local = batch_size // pc
-  for i in range(0, len(examples), batch_size):
-    chunk = examples[i:i + batch_size]
-    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
-    host = {k: np.stack([e[k] for e in padded[pi * local:(pi + 1) * local]])
-            for k in _DEVICE_KEYS if k in padded[0]}
+  spec = shard_lib.P(tuple(a for a in data_axes if a in mesh.axis_names))
+  return np.asarray(multihost_utils.global_array_to_host_local_array(x, mesh, spec))
+
+
+def restore_batches(state, eval_fn, batches, batch_sharding, data_axes):
+  """Runs the executor over evaluation batches; yields (host batch, restored, routing) per batch.
+
+  Each process gets back its own examples' results (rows of the global arrays it fed).
+  """
+  mesh = batch_sharding.mesh
+  for host in batches:
     restored, routing = eval_fn(state["gen"]["params"], state["gen"]["frozen"],
                                 _to_global(host, batch_sharding))
-    if pc > 1:
-      restored, routing = multihost_utils.process_allgather((restored, routing), tiled=True)
-    restored, routing = jax.device_get((restored, routing))
-    yield chunk, np.asarray(restored)[:len(chunk)], jax.tree.map(
-        lambda r: np.asarray(r)[:len(chunk)], routing)
+    yield host, _local_rows(restored, mesh, data_axes), jax.tree.map(
+        lambda r: _local_rows(r, mesh, data_axes), routing)
 
 
 def validate(state, eval_fn, data, config, batch_sharding, step: int, workdir: epath.Path,
              log: run_log.RunLog) -> dict:
   """PSNR (Y channel) per task, degraded vs restored, on the validation split; sample grids."""
-  examples = data.eval_examples(config.num_eval_images)
-  per_task: dict[str, dict[str, list[float]]] = {}
+  ntask = len(tasks_lib.TASKS)
+  sums = np.zeros((3, ntask), np.float64)  # degraded PSNR, restored PSNR, count
   samples: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
-  for chunk, restored, _ in restore_batches(state, eval_fn, examples,
-                                            config.data.eval_batch_size, batch_sharding):
-    for ex, out in zip(chunk, restored):
-      clean, degraded, out8 = _to_uint8(ex["clean"]), _to_uint8(ex["degraded"]), _to_uint8(out)
-      row = per_task.setdefault(ex["task"], {"degraded": [], "restored": []})
-      row["degraded"].append(metrics_lib.psnr_y(degraded, clean))
-      row["restored"].append(metrics_lib.psnr_y(out8, clean))
-      shots = samples.setdefault(ex["task"], [])
+  local = config.data.eval_batch_size // jax.process_count()
+  batches = data.eval_batches(local, config.num_eval_images)
+  for host, restored, _ in restore_batches(state, eval_fn, batches, batch_sharding,
+                                           config.data_axes):
+    for i in np.flatnonzero(host["valid"]):
+      t = int(host["task_id"][i])
+      clean, degraded = _to_uint8(host["clean"][i]), _to_uint8(host["degraded"][i])
+      out8 = _to_uint8(restored[i])
+      sums[:, t] += (metrics_lib.psnr_y(degraded, clean), metrics_lib.psnr_y(out8, clean), 1)
+      shots = samples.setdefault(tasks_lib.TASKS[t], [])
       if len(shots) < config.num_sample_images:
         shots.append((degraded, out8, clean))
-  table = {t: {"degraded_psnr": float(np.mean(v["degraded"])),
-               "restored_psnr": float(np.mean(v["restored"])), "n": len(v["degraded"])}
-           for t, v in sorted(per_task.items(), key=lambda kv: _task_order(kv[0]))}
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    sums = np.asarray(multihost_utils.process_allgather(sums)).sum(0)
+  table = {tasks_lib.TASKS[t]: {"degraded_psnr": sums[0, t] / sums[2, t],
+                                "restored_psnr": sums[1, t] / sums[2, t], "n": int(sums[2, t])}
+           for t in range(ntask) if sums[2, t]}
   if jax.process_index() == 0 and table:
     flat = {f"psnr/{t}": r["restored_psnr"] for t, r in table.items()}
     flat["psnr/mean_gain"] = float(np.mean([r["restored_psnr"] - r["degraded_psnr"]
@@ -480,8 +503,7 @@ def validate(state, eval_fn, data, config, batch_sharding, step: int, workdir: e
     log.scalars(step, flat, split="val")
     (workdir / "validation.json").write_text(json.dumps({"step": step, "tasks": table}, indent=2))
     _write_sample_grid(workdir / "samples" / f"step_{step:07d}.png", samples, log, step)
-    logging.info("Validation at step %d:\n%s", step, format_psnr_table(table))
-    print(f"\nValidation at step {step}\n{format_psnr_table(table)}", flush=True)
+    _say(f"\nValidation at step {step} (PSNR on Y, dB)\n{format_psnr_table(table)}")
   return table
 
 
@@ -619,3 +641,190 @@ def dry_run(config) -> str:
     lines.append(f"{'  => estimated peak, remat ' + ('on' if r else 'off'):<34} {'':>15} "
                  f"{gib(static + act[r]):>11.3f}")
   return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: the pairs store, the plan store and their pipelines
+# ----------------------------------------------------------------------------------------------
+
+def _say(msg: str) -> None:
+  """Progress a user should see (stdout, process 0), also logged."""
+  logging.info("%s", msg)
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def plan_cache_config(config) -> ml_collections.ConfigDict:
+  """The plan-cache job's config (configs/plan_cache.py layout) for this training config."""
+  d = config.data
+  return ml_collections.ConfigDict(dict(
+      pairs=dict(data_dir=d.data_dir, name=d.name, splits=("train", "validation"),
+                 variants_per_image=d.variants_per_image, train_max_side=d.train_max_side,
+                 val_size=d.val_size, val_variants=d.val_variants, seed=config.seed),
+      planner=config.plans.planner.to_dict(), encoder=config.plans.encoder.to_dict(),
+      store=dict(path=config.plans.store_path, records_per_file=1024),
+      batch_size=32, limit=0, progress=jax.process_index() == 0))
+
+
+def open_plans(config, sources: dict) -> Any:
+  """Opens (building it first, when allowed and missing) the plan store for `sources`."""
+  from fape_jax.planning import job, store  # pylint: disable=g-import-not-at-top (torch side)
+  pc = plan_cache_config(config)
+  path = job.store_path(pc)
+  ids = [s[i]["id"] for s in sources.values() for i in range(len(s))]
+  if jax.process_index() == 0:
+    complete = False
+    if epath.Path(path, store.MANIFEST).exists():
+      complete = not store.PlanStore(path).missing(ids)
+    if not complete:
+      if not config.plans.build_if_missing:
+        raise FapeError(f"No complete plan store at {path}. Build it first: python -m "
+                        "fape_jax.plan_cache --config=configs/plan_cache.py (see launch/ for "
+                        "clusters), or set --config.plans.store_path.")
+      _say(f"Planning {len(ids)} images with the {pc.planner.kind} planner and the "
+           f"{pc.encoder.kind} encoder into {path} (first run only)...")
+      job.run(pc, shard_index=0, num_shards=1, sources=sources)
+  _barrier("plan_store_ready")
+  plans = store.open_plan_store(path, expect={"config_hash": job.config_hash(pc)},
+                                require_ids=ids)
+  if plans.d != config.plans.dim:
+    raise FapeError(f"The plan store at {path} holds {plans.d}-d tokens but config.plans.dim="
+                    f"{config.plans.dim}; set --config.plans.dim={plans.d}.")
+  distributed.assert_same_across_processes("plan store manifest", plans.manifest)
+  return plans
+
+
+@dataclasses.dataclass
+class TrainData:
+  """The training and validation pairs, the plans joined to them, and their iterators."""
+  config: Any
+  train: Any
+  val: Any
+  plans: Any
+
+  def train_iterator(self):
+    d = self.config.data
+    return pipeline.train_iterator(
+        self.train, self.plans, crop=d.crop, batch_size=d.batch_size, seed=self.config.seed,
+        read_threads=d.read_threads, prefetch=d.prefetch)
+
+  def eval_batches(self, local_batch: int, limit: int = 0):
+    source = self.val if not limit else _Head(self.val, limit)
+    return pipeline.eval_dataset(source, self.plans, batch_size=local_batch, split="validation")
+
+
+class _Head:
+  """The first `n` records of a source (quick validation in tests and short runs)."""
+
+  def __init__(self, source, n: int):
+    self._source, self._n = source, min(n, len(source))
+    self.split = getattr(source, "split", "")
+
+  def __len__(self):
+    return self._n
+
+  def __getitem__(self, i):
+    if not 0 <= i < self._n:
+      raise IndexError(i)
+    return self._source[i]
+
+
+def prepare_data(config) -> TrainData:
+  d = config.data
+  if jax.process_index() == 0:
+    if d.name == "synthetic":
+      _say(f"Pairs store: synthetic seven-task pairs in {d.data_dir} (built on first use).")
+      pairs.prepare_synthetic(d.data_dir, d, skip_bad=d.skip_bad)
+    elif d.get("manual_dir"):
+      pairs.prepare_folder(d.data_dir, d.name, d.manual_dir, skip_bad=d.skip_bad)
+  _barrier("pairs_store_ready")
+  train = pairs.open_pairs(d.data_dir, d.name, "train", d)
+  val = pairs.open_pairs(d.data_dir, d.name, "validation", d)
+  plans = open_plans(config, {"train": train, "validation": val}) if config.plans.enabled \
+      else None
+  return TrainData(config, train, val, plans)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretrained weights (--config.init_from)
+# ----------------------------------------------------------------------------------------------
+
+def _base_path(path: tuple) -> tuple:
+  """Executor path -> the plain UNet/VAE path: adapter wrappers hold the original as `base`."""
+  return tuple(p for p in path if p != "base")
+
+
+def init_from_pretrained(state, shardings, config):
+  """Loads a local diffusers folder's UNet (+ VAE) into the base weights of the sharded state.
+
+  Strict: every UNet/VAE parameter must be set and every checkpoint tensor used; shapes must
+  match (the error names the tensor and both shapes). Exported adapter files (a `.safetensors`
+  from adapter export) load into the adapter/router/projector weights instead.
+  """
+  if not config.init_from:
+    return state
+  from fape_jax.models import convert  # pylint: disable=g-import-not-at-top
+  src = epath.Path(config.init_from)
+  if src.suffix == ".safetensors":
+    return _init_adapters_from(state, shardings, src)
+  parts = [("unet", "unet")] + ([("vae", "vae")] if config.model.vae is not None else [])
+  new = {k: nnx.to_flat_state(state["gen"][k]) for k in ("params", "frozen")}
+  shards = {k: dict(nnx.to_flat_state(shardings["gen"][k])) for k in ("params", "frozen")}
+  for prefix, sub in parts:
+    _, tensors, folder = convert.read_model_folder(src, sub)
+    used, missing = set(), []
+    for kind in ("params", "frozen"):
+      flat = []
+      for path, var in new[kind]:
+        if not path or path[0] != prefix or isinstance(var, lora_moe.AdapterParam) \
+            or not isinstance(var, nnx.Param):
+          flat.append((path, var))
+          continue
+        name = convert.diffusers_name(_base_path(path[1:]))
+        if name not in tensors:
+          missing.append(name)
+          flat.append((path, var))
+          continue
+        arr = convert.to_flax_layout(tensors[name])
+        if tuple(arr.shape) != tuple(var.get_value().shape):
+          raise FapeError(f"init_from {folder}: tensor {name} has shape {tuple(arr.shape)} (Flax "
+                          f"layout) but the model expects {tuple(var.get_value().shape)}; does "
+                          "config.model match the checkpoint's config.json?")
+        used.add(name)
+        value = jax.device_put(arr.astype(var.get_value().dtype), shards[kind][path].get_value())
+        flat.append((path, var.replace(value)))
+      new[kind] = flat
+    unused = sorted(set(tensors) - used)
+    if missing or unused:
+      raise FapeError(f"init_from {folder}: {len(missing)} parameter(s) without a tensor "
+                      f"{missing[:10]} and {len(unused)} unused tensor(s) {unused[:10]}; the "
+                      "folder does not hold the model config.model describes.")
+    _say(f"Loaded pretrained {prefix} weights from {folder} ({len(used)} tensors).")
+  state["gen"]["params"] = nnx.from_flat_state(new["params"])
+  state["gen"]["frozen"] = nnx.from_flat_state(new["frozen"])
+  return state
+
+
+def _init_adapters_from(state, shardings, path: epath.Path):
+  from fape_jax.models import adapters_io  # pylint: disable=g-import-not-at-top
+  loaded = adapters_io.read_adapters(str(path))
+  flat = []
+  sh = dict(nnx.to_flat_state(shardings["gen"]["params"]))
+  for p, var in nnx.to_flat_state(state["gen"]["params"]):
+    name = ".".join(str(x) for x in p)
+    if isinstance(var, lora_moe.AdapterParam) and name in loaded:
+      flat.append((p, var.replace(jax.device_put(loaded.pop(name), sh[p].get_value()))))
+    else:
+      flat.append((p, var))
+  if loaded:
+    raise FapeError(f"init_from {path}: {len(loaded)} adapter tensor(s) match no adapter of this "
+                    f"model, e.g. {sorted(loaded)[:5]}; was it exported from the same config?")
+  state["gen"]["params"] = nnx.from_flat_state(flat)
+  _say(f"Loaded adapters from {path}.")
+  return state
