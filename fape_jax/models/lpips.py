@@ -5,7 +5,8 @@ its scaling layer, torchvision's VGG16 `features` up to relu5_3 with five taps (
 relu3_3, relu4_3, relu5_3), each tap unit-normalised over channels, squared difference, a 1x1 `lin`
 layer without bias, spatial mean, sum over taps. Weights come only from local checkpoints:
 torchvision's `vgg16-397923af.pth` state dict (keys `features.N.weight/bias`) and lpips' `vgg.pth`
-(keys `linK.model.1.weight`), as .pth (torch is used only to read the file), .safetensors or .npz.
+(keys `lin0.model.1.weight` ... `lin4.model.1.weight`), as .pth (torch is used only to read the
+file), .safetensors or .npz.
 
 `VGG16Features` stands on its own: the discriminator uses it as its frozen pretrained backbone.
 All weights here are `PretrainedWeight` variables, not `nnx.Param`, so an optimiser built on
@@ -133,16 +134,14 @@ class LPIPS(nnx.Module):
   """LPIPS v0.1 'vgg' distance between two batches of NHWC images in [-1, 1]; returns (B,)."""
 
   def __init__(self, vgg_state_dict: Mapping[str, np.ndarray],
-               lin_state_dict: Mapping[str, np.ndarray]):
-    self.features = VGG16Features(vgg_state_dict)
-    lins = []
-    for k, c in enumerate(TAP_CHANNELS):
-      # lpips' NetLinLayer is Sequential(Dropout, Conv2d) -> "model.1"; without dropout "model.0".
-      key = next((f"lin{k}.model.{i}.weight" for i in (1, 0)
-                  if f"lin{k}.model.{i}.weight" in lin_state_dict), f"lin{k}.model.1.weight")
-      lins.append(PretrainedWeight(jnp.asarray(
-          _take(lin_state_dict, key, (1, c, 1, 1), "LPIPS linear weights").reshape(c))))
-    self.lins = nnx.List(lins)
+               lin_state_dict: Mapping[str, np.ndarray], *, vgg_where: str = "VGG16 weights",
+               lin_where: str = "LPIPS linear weights"):
+    self.features = VGG16Features(vgg_state_dict, vgg_where)
+    # lpips' NetLinLayer is Sequential(Dropout, Conv2d(c, 1, 1, bias=False)), hence "model.1".
+    self.lins = nnx.List([
+        PretrainedWeight(jnp.asarray(_take(lin_state_dict, f"lin{k}.model.1.weight", (1, c, 1, 1),
+                                           lin_where).reshape(c)))
+        for k, c in enumerate(TAP_CHANNELS)])
 
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
     if x.shape != y.shape:
@@ -163,7 +162,8 @@ def load_vgg16_features(vgg_path: str) -> VGG16Features:
 
 def load_lpips(vgg_path: str, lin_path: str) -> LPIPS:
   """LPIPS from a torchvision VGG16 checkpoint and lpips' `vgg.pth` linear layers (local files)."""
-  return LPIPS(read_state_dict(vgg_path), read_state_dict(lin_path))
+  return LPIPS(read_state_dict(vgg_path), read_state_dict(lin_path), vgg_where=vgg_path,
+               lin_where=lin_path)
 
 
 def maybe_load_lpips(vgg_path: str | None, lin_path: str | None) -> LPIPS | None:
