@@ -173,7 +173,7 @@ def maybe_load_lpips(vgg_path: str | None, lin_path: str | None) -> LPIPS | None
   that is set but names no file is a user mistake and raises `FapeError` (from `read_state_dict`).
   """
   if not vgg_path or not lin_path:
-    logging.warning("LPIPS weights not configured (vgg16_path=%r, lpips_lin_path=%r): the LPIPS "
+    logging.warning("LPIPS weights not configured (vgg16_path=%r, lin_path=%r): the LPIPS "
                     "term is switched off", vgg_path or "", lin_path or "")
     return None
   return load_lpips(vgg_path, lin_path)
