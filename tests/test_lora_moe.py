@@ -285,21 +285,20 @@ def test_surgery_adapts_attention_projections_and_keeps_base_frozen():
 
 def test_zero_init_is_exactly_the_base_model_and_routing_is_reported():
   x, ctx, mask = _inputs()
-  for conv_lora in (False, True):
-    cfg = lora_moe.default_lora_config()
-    cfg.conv_lora = conv_lora
-    plain = ToyUNet(rngs=nnx.Rngs(0))
-    model, paths = _toy(cfg)
-    out, aux = _run(model, x, ctx, mask)
-    np.testing.assert_array_equal(out, plain(x, ctx, mask))
-    assert set(aux["routing"]) == set(paths)
-    for name, w in aux["routing"].items():
-      assert w.shape == (2, 2)
-      np.testing.assert_array_equal(jnp.sum(w, -1), 1.0)
-      assert set(np.unique(np.asarray(w))) <= {0.0, 1.0}, name  # top-1 'ste': one-hot forward
-    spatial = {p for p in paths if not p.endswith(("attn2.to_k", "attn2.to_v"))}
-    assert set(aux["freq_terms"]) == spatial
-    assert all(float(v) == 0.0 for v in aux["freq_terms"].values())  # B = 0: nothing leaks
+  cfg = lora_moe.default_lora_config()
+  cfg.conv_lora = True  # linear and conv wrappers
+  plain = ToyUNet(rngs=nnx.Rngs(0))
+  model, paths = _toy(cfg)
+  out, aux = _run(model, x, ctx, mask)
+  np.testing.assert_array_equal(out, plain(x, ctx, mask))
+  assert set(aux["routing"]) == set(paths)
+  for name, w in aux["routing"].items():
+    assert w.shape == (2, 2)
+    np.testing.assert_array_equal(jnp.sum(w, -1), 1.0)
+    assert set(np.unique(np.asarray(w))) <= {0.0, 1.0}, name  # top-1 'ste': one-hot forward
+  spatial = {p for p in paths if not p.endswith(("attn2.to_k", "attn2.to_v"))}
+  assert set(aux["freq_terms"]) == spatial
+  assert all(float(v) == 0.0 for v in aux["freq_terms"].values())  # B = 0: nothing leaks
   # After the call the model state holds parameters only again.
   assert not nnx.state(model, lora_moe.RoutingInput) and not nnx.state(model, lora_moe.AdapterAux)
 
