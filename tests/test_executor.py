@@ -102,30 +102,34 @@ def test_default_patterns_adapt_every_attention_projection():
 
 
 def test_training_step_moves_only_adapters(executor):
-  model = nnx.clone(executor)
-  base_before = jax.tree.map(np.asarray, _base_state(model))
-  adapters_before = jax.tree.map(np.asarray, nnx.state(model, lora_moe.AdapterParam))
-  opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=lora_moe.AdapterParam)
+  """The functional step training uses: jax.grad over the AdapterParam split, per-block remat."""
+  graphdef, params, frozen = nnx.split(executor, lora_moe.AdapterParam, ...)
+  assert executor.unet.remat
+  tx = optax.adam(1e-2)
   x, plan, mask = _batch()
   target = jnp.flip(x, axis=1)
 
-  @nnx.jit
-  def step(model, opt, x, plan, mask):
-    def loss_fn(model):
-      restored, aux = model(x, plan, mask)
+  @jax.jit
+  def step(params, opt_state, frozen):
+    def loss_fn(params):
+      restored, aux = nnx.merge(graphdef, params, frozen)(x, plan, mask)
       return jnp.mean(jnp.square(restored - target)) + 1e-3 * losses.frequency_loss(
           aux["freq_terms"])
-    loss, grads = nnx.value_and_grad(
-        loss_fn, argnums=nnx.DiffState(0, lora_moe.AdapterParam))(model)
-    opt.update(model, grads)
-    return loss
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
 
-  losses_seen = [float(step(model, opt, x, plan, mask)) for _ in range(3)]
+  new, opt_state, losses_seen = params, tx.init(params), []
+  for _ in range(3):
+    new, opt_state, loss = step(new, opt_state, frozen)
+    losses_seen.append(float(loss))
   assert losses_seen[-1] < losses_seen[0]
-  jax.tree.map(np.testing.assert_array_equal, _base_state(model), base_before)  # bit-identical
-  after = dict(nnx.to_flat_state(nnx.state(model, lora_moe.AdapterParam)))
-  unchanged = [".".join(map(str, p)) for p, v in nnx.to_flat_state(adapters_before)
-               if np.array_equal(v.get_value(), after[p].get_value())]
+  model = nnx.merge(graphdef, new, frozen)
+  # Every base weight bit-identical (a base weight typed as adapter by mistake would have moved).
+  jax.tree.map(np.testing.assert_array_equal, _base_state(model), _base_state(executor))
+  before = dict(nnx.to_flat_state(params))
+  unchanged = [".".join(map(str, p)) for p, v in nnx.to_flat_state(new)
+               if np.array_equal(v.get_value(), before[p].get_value())]
   # B = 0 at init zeroes A's and the routers' first gradients; three steps move everything
   # except the null context token, which is only used when a batch has no plan.
   assert unchanged == ["projector.null_token"]
@@ -134,12 +138,13 @@ def test_training_step_moves_only_adapters(executor):
 def test_padded_plan_tokens_and_missing_plans(executor):
   model = nnx.clone(executor)
   _randomise_adapters(model, seed=1)
+  forward = jax.jit(lambda x, plan, mask: model(x, plan, mask))  # the module closed over
   x, plan, mask = _batch()
-  out, aux = _forward(model, x, plan, mask)
-  out2, aux2 = _forward(model, x, plan.at[0, 3:].set(30.0), mask)  # sample 0: tokens 3, 4 padded
+  out, aux = forward(x, plan, mask)
+  out2, aux2 = forward(x, plan.at[0, 3:].set(30.0), mask)  # sample 0: tokens 3, 4 are padding
   np.testing.assert_array_equal(out2, out)
   jax.tree.map(np.testing.assert_array_equal, aux2, aux)
-  out3, _ = _forward(model, x, plan.at[0, 1].set(30.0), mask)
+  out3, _ = forward(x, plan.at[0, 1].set(30.0), mask)
   assert float(jnp.max(jnp.abs(out3[0] - out[0]))) > 1e-4  # a real token matters
   np.testing.assert_array_equal(out3[1], out[1])  # ... only for its own sample
   for w in aux["routing"].values():

@@ -10,10 +10,12 @@ Variable types carry the training contract:
     splits the model with `nnx.split(model, AdapterParam, ...)`; base weights are plain `nnx.Param`
     and never reach the optimiser.
   * `RoutingInput`: per-call inputs (projected plan tokens, mask, image descriptor) that
-    `run_adapted` writes into each wrapper before the UNet runs and removes afterwards.
+    `run_adapted` writes into each wrapper before the UNet runs.
   * `AdapterAux` (an `nnx.Intermediate`): per-call outputs of each wrapper (routing weights and
     its frequency-loss term); `run_adapted` creates them before the call, each wrapper overwrites
-    its own, and `run_adapted` reads and removes them afterwards.
+    its own, and `run_adapted` reads them afterwards.
+`run_adapted` does this on a per-call copy of the module graph (same arrays), so the caller's
+module only ever holds parameters.
 
 Why Variables on the wrappers: a value a wrapper reads from a contextvar inside `nnx.remat`
 becomes a constant of the traced checkpoint, and JAX caches that trace per function object, so a
@@ -628,6 +630,12 @@ def run_adapted(model: nnx.Module, sample: jax.Array, *args, input_hw: Sequence[
   layer with token-wise routing the weights are averaged over tokens.
   """
   aux = {"routing": {}, "freq_terms": {}}
+  # Bind on a fresh copy of the graph (new Module and Variable objects, the same arrays), so the
+  # caller's module is never mutated: this works on a module closed over by `jax.jit`, and under
+  # `jax.grad` of an `nnx.merge`d module, where nnx.remat's write-back would otherwise touch
+  # Variables of an outer trace.
+  graphdef, state = nnx.split(model)
+  model = nnx.merge(graphdef, state, copy=True)
   with bound_routing_inputs(model, batch=sample.shape[0], input_hw=input_hw, context=context,
                             context_mask=context_mask, descriptor=descriptor) as layers:
     out = model(sample, *args, **kwargs)
