@@ -64,7 +64,7 @@ import contextlib
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +97,8 @@ TOP1_MODES = ("ste", "epsilon")
 def default_lora_config() -> ml_collections.ConfigDict:
   """The adapter settings, paper defaults. Fields:
 
-  variant: 'moe' (two frequency experts + routers) or 'dense' (one plain LoRA, no routing; ablation).
+  variant: 'moe' (two frequency experts + routers) or 'dense' (one plain LoRA, no routing:
+    an ablation).
   ranks: rank per expert (low, high); 'dense' uses ranks[0]. The paper uses 8/8; 8/16 also works.
   alpha: LoRA alpha; each expert's output is scaled by alpha / its rank.
   patterns: regexes over module paths ('down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q')
@@ -115,8 +116,10 @@ def default_lora_config() -> ml_collections.ConfigDict:
   lambda_init: initial lambda_s (text vs visual); the token-gate blend starts at 0.5.
   image_descriptor: feed radial FFT band energies of the degraded image to the visual prior.
   descriptor_bands: number of radial bands of that descriptor.
-  top1: 'all' | 'first' | 'none' (soft mixing); top1_mode: 'ste' | 'epsilon'; top1_epsilon: the
-    loser's share in 'epsilon' mode (authors: 0.01).
+  top1: 'all' | 'first' | 'none' (soft mixing). 'first' = the first adapted layer in module-tree
+    order (sorted paths; on the SD UNet down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k)
+    routes top-1, the others mix softly (authors' code). top1_mode: 'ste' | 'epsilon';
+    top1_epsilon: the loser's share in 'epsilon' mode (authors: 0.01).
   projector_hidden: hidden width of the plan projector MLP; 0 = the UNet's cross_attention_dim.
   """
   c = ml_collections.ConfigDict()
@@ -346,7 +349,7 @@ def image_frequency_descriptor(images: jax.Array, num_bands: int = 8) -> jax.Arr
 
 
 def _retype_as_adapter(layer: nnx.Module) -> nnx.Module:
-  """Turns a freshly built layer's `nnx.Param`s into `AdapterParam`s (train-only-adapters filter)."""
+  """Turns a fresh layer's `nnx.Param`s into `AdapterParam`s (the train-only-adapters filter)."""
   for name in ("kernel", "bias"):
     var = getattr(layer, name, None)
     if isinstance(var, nnx.Param):
@@ -568,10 +571,10 @@ def add_adapters(model: nnx.Module, config, *, context_dim: int, rngs: nnx.Rngs)
       raise FapeError(f"lora config.conv_patterns matched {name}, a {type(module).__name__}, not "
                       "an nnx.Conv; narrow the pattern.")
   if not targets:
+    conv = f" or conv_patterns {tuple(config.conv_patterns)}" if config.conv_lora else ""
     raise FapeError(f"lora config: no layer of the {type(model).__name__} matches patterns "
-                    f"{tuple(config.patterns)}" + (f" or conv_patterns {tuple(config.conv_patterns)}"
-                                                   if config.conv_lora else "") +
-                    "; paths look like 'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q'.")
+                    f"{tuple(config.patterns)}{conv}; paths look like "
+                    "'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q'.")
   for i, (path, name, module) in enumerate(targets):
     if config.variant == "dense":
       wrapped = DenseLoRA(module, config, rngs=rngs)
