@@ -25,6 +25,7 @@ from safetensors.numpy import load_file, save_file
 
 from fape_jax.errors import FapeError
 from fape_jax.models import lora_moe
+from fape_jax.sharding import path_str
 
 FORMAT = "fape_jax.adapters/1"
 
@@ -36,7 +37,7 @@ def config_path(path: str | os.PathLike[str]) -> str:
 
 def adapter_arrays(model: nnx.Module) -> dict[str, np.ndarray]:
   """{dotted path: host array} of every `AdapterParam` of `model`."""
-  return {".".join(str(p) for p in path): np.asarray(jax.device_get(var.get_value()))
+  return {path_str(path): np.asarray(jax.device_get(var.get_value()))
           for path, var in nnx.to_flat_state(nnx.state(model, lora_moe.AdapterParam))}
 
 
@@ -133,7 +134,7 @@ def load_adapters(executor: nnx.Module, path: str | os.PathLike[str], *,
                       f"{config_path(path)} (or pass check_config=False to load anyway).")
   state = nnx.state(executor, lora_moe.AdapterParam)
   flat = nnx.to_flat_state(state)
-  names = [".".join(str(p) for p in path_) for path_, _ in flat]
+  names = [path_str(p) for p, _ in flat]
   missing = [n for n in names if n not in loaded]
   unexpected = sorted(set(loaded) - set(names))
   wrong = [f"{n} {tuple(loaded[n].shape)} vs {tuple(np.shape(v.get_value()))}"

@@ -74,6 +74,7 @@ from flax import nnx
 
 from fape_jax import losses
 from fape_jax.errors import FapeError
+from fape_jax.sharding import path_str
 
 
 class AdapterParam(nnx.Param):
@@ -522,10 +523,6 @@ ADAPTED_TYPES = (LoRAMoE, DenseLoRA)
 # Surgery and calling.
 
 
-def _path_str(path: Sequence[Any]) -> str:
-  return ".".join(str(p) for p in path)
-
-
 def _child(node, key):
   return node[key] if isinstance(key, int) else getattr(node, key)
 
@@ -554,7 +551,7 @@ def add_adapters(model: nnx.Module, config, *, context_dim: int, rngs: nnx.Rngs)
   context_re = [re.compile(p) for p in config.context_patterns]
   targets = []
   for path, module in nnx.iter_modules(model):
-    name = _path_str(path)
+    name = path_str(path)
     if isinstance(module, ADAPTED_TYPES):
       raise FapeError(f"{name} already has adapters; build the executor from a plain UNet.")
     want_linear = any(p.search(name) for p in linear_re)
@@ -590,7 +587,7 @@ def adapted_layers(model: nnx.Module) -> Iterator[tuple[str, nnx.Module]]:
   """(path, wrapper) for every adapted layer of `model`."""
   for path, module in nnx.iter_modules(model):
     if isinstance(module, ADAPTED_TYPES):
-      yield _path_str(path), module
+      yield path_str(path), module
 
 
 @contextlib.contextmanager
