@@ -1,0 +1,613 @@
+"""Restoring images with a trained run: model loading, planning, tiling, image files, sidecars.
+
+  restorer = load_restorer("runs/base")            # config.json + newest checkpoint, current devices
+  result = restorer.restore(rgb01, *restorer.encode([plan]))
+  report = restore_paths("runs/base", "in/", "out/")   # what `python -m fape_jax.restore` runs
+
+The run's `config.json` rebuilds the model; the checkpoint is restored with the abstract train
+state whose leaves carry the shardings of a mesh over the *current* devices (the run's mesh when it
+fits them, else everything on the data axis), so a run trained on 8 devices restores on 1 CPU.
+
+Each image is planned (the run's planner, or `--planner`, or a hand-written `--plan`), the plan is
+encoded with the run's encoder (the one its plan store was built with), and the image is restored
+at its native size: padded to the executor's size multiple and cropped back, or, when larger than
+the working size (`tile`), cut into overlapping tiles blended without seams (`fape_jax.tiling`).
+Grayscale inputs are written back as grayscale (BT.601 luma of the restored RGB), RGBA keeps its
+alpha channel untouched, and 16-bit PNG/TIFF inputs are read and written at 16 bits (Pillow reads
+16-bit colour PNGs as 8-bit, so those go through imagecodecs). Next to each output image a
+sidecar `NAME.json` (NAME = the output's file name without its suffix) holds
+
+  {"plan": {"task", "focus", "rationale", "pipeline", "raw"},
+   "routing": {layer path: [w_low, w_high]},         # averaged over tiles
+   "hints": {...}, "meta": {"input", "checkpoint_step", "size", "tiles", ...}}
+
+Exit codes of the CLI (`restore_paths(...).exit_code`): 0 all images restored, 1 some images
+failed (each named on stderr; the others are written), 2 nothing was done (a usage error).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from typing import Any, Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+from flax import nnx
+
+from fape_jax import checkpoint as ckpt_lib
+from fape_jax import sharding as shard_lib
+from fape_jax import tiling
+from fape_jax.data import images as images_lib
+from fape_jax.errors import FapeError
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_TILE = 256
+PLANNERS = ("rule", "hf")
+# Where each output format can store what (bit depth 16, alpha).
+_FORMATS_16BIT = (".png", ".tif", ".tiff")
+_FORMATS_ALPHA = (".png", ".tif", ".tiff", ".webp")
+_LUMA = np.asarray([0.299, 0.587, 0.114], np.float64)  # BT.601, as Pillow's RGB -> L
+
+
+# ----------------------------------------------------------------------------------------------
+# The run: config, mesh, checkpoint
+# ----------------------------------------------------------------------------------------------
+
+def _tuples(obj: Any) -> Any:
+  """JSON lists back to the tuples the configs use (mesh shapes, axis rules, block types)."""
+  if isinstance(obj, dict):
+    return {k: _tuples(v) for k, v in obj.items()}
+  if isinstance(obj, list):
+    return tuple(_tuples(v) for v in obj)
+  return obj
+
+
+def load_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The config a run was trained with, from `WORKDIR/config.json`."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise FapeError(f"No config.json in {workdir}: --workdir must be a training run directory "
+                    "(python -m fape_jax.train writes config.json and checkpoints/ there).")
+  try:
+    raw = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise FapeError(f"{path} is not valid JSON ({e}); it was not written by training.") from None
+  return ml_collections.ConfigDict(_tuples(raw))
+
+
+def inference_mesh(config, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+  """The run's mesh over the current devices, or all of them on one axis when it does not fit.
+
+  Training topologies (e.g. fsdp=8) often do not exist where one restores (1 GPU, a laptop): then
+  the parameters are replicated and the devices split the batch of tiles.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  axes, shape = tuple(config.mesh.axes), tuple(config.mesh.shape)
+  try:
+    return shard_lib.make_mesh(axes, shape, devices)
+  except FapeError:
+    fill = shape.index(-1) if -1 in shape else 0
+    fitted = tuple(len(devices) if i == fill else 1 for i in range(len(axes)))
+    logging.warning("The run's mesh %s does not fit the %d device(s) here; restoring on mesh %s "
+                    "(parameters replicated).", dict(zip(axes, shape)), len(devices),
+                    dict(zip(axes, fitted)))
+    return shard_lib.make_mesh(axes, fitted, devices)
+
+
+def _restore_state(config, mesh, workdir: epath.Path, step: int | None):
+  """(step, generator params, generator frozen, Models) from the run's checkpoint."""
+  from fape_jax import train_lib  # pylint: disable=g-import-not-at-top (heavy: models, optax)
+
+  abstract, models = train_lib.abstract_state(config)
+  shardings = train_lib.state_shardings(abstract, mesh, config)
+  # The checkpointed tree is the train state's checkpoint view: without the frozen base when it
+  # comes from `init_from` (then it is loaded from there again, as training does).
+  view = train_lib._checkpoint_view  # pylint: disable=protected-access (one definition of it)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        view(abstract, config), view(shardings, config))
+  ckpt_dir = workdir / "checkpoints"
+  if not ckpt_dir.exists():
+    raise FapeError(f"No checkpoints/ folder in {workdir}; train first (python -m "
+                    "fape_jax.train --workdir=...).")
+  ckpt = ckpt_lib.Checkpointer(ckpt_dir, save_every=1, keep=1, read_only=True)
+  try:
+    got, state = ckpt.restore(target, step=step)
+  finally:
+    ckpt.close()
+  if state is None:
+    raise FapeError(f"{ckpt_dir} holds no checkpoint yet; train longer (checkpoints are written "
+                    "every config.ckpt_every steps and at the end).")
+  if "frozen" not in state["gen"]:
+    full, full_sh, _ = train_lib.create_state(config, mesh)
+    full = train_lib.init_from_pretrained(full, full_sh, config)
+    state["gen"]["frozen"] = full["gen"]["frozen"]
+  return int(got), state["gen"]["params"], state["gen"]["frozen"], models
+
+
+# ----------------------------------------------------------------------------------------------
+# The restorer
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Restored:
+  """One restored image: float32 RGB in [0, 1], per-layer [w_low, w_high], number of tiles."""
+  image: np.ndarray
+  routing: dict[str, list[float]]
+  tiles: int
+
+
+def tile_count(h: int, w: int, *, tile: int, overlap: int, multiple: int) -> int:
+  """How many tiles `tiling.tiled_apply` cuts an H x W image into (1 when it fits)."""
+  ph, pw = h + (-h) % multiple, w + (-w) % multiple
+  if ph <= tile and pw <= tile:
+    return 1
+  ph, pw = max(ph, tile), max(pw, tile)
+  return len(tiling.tile_starts(ph, tile, overlap)) * len(tiling.tile_starts(pw, tile, overlap))
+
+
+class Restorer:
+  """A trained executor on the current devices, with the run's planner and plan encoder.
+
+  Use `load_restorer` to build one. `restore(rgb01, tokens, mask)` restores one image of any size;
+  `plan(images)` / `encode(plans)` give its plan and plan tokens.
+  """
+
+  def __init__(self, config, *, step: int, mesh, models, params, frozen, tile: int | None,
+               overlap: int | None, batch: int, planner_kind: str, workdir: str = ""):
+    from fape_jax import train_lib  # pylint: disable=g-import-not-at-top
+    self.config = config
+    self.workdir = os.fspath(workdir)
+    self.step = step
+    self.mesh = mesh
+    self.params, self.frozen = params, frozen
+    self.multiple = int(nnx.merge(models.gen_def, params, frozen).multiple)
+    self.dp = shard_lib.data_parallel_size(mesh, config.data_axes)
+    self._batch_sharding = shard_lib.batch_sharding(mesh, config.data_axes)
+    gen_sh = {"params": jax.tree.map(lambda a: a.sharding, params),
+              "frozen": jax.tree.map(lambda a: a.sharding, frozen)}
+    self._eval = train_lib.make_eval_step(models, gen_sh, self._batch_sharding)
+    if tile is None:  # the working size the model was trained at
+      tile = int(config.data.get("crop", 0) or DEFAULT_TILE)
+      tile = math.ceil(tile / self.multiple) * self.multiple
+    overlap = tile // 4 if overlap is None else overlap
+    if tile % self.multiple:
+      raise FapeError(f"--tile={tile} must be a multiple of the model's size multiple "
+                      f"{self.multiple}.")
+    if not 0 <= overlap < tile:
+      raise FapeError(f"--tile_overlap={overlap} must be in [0, tile={tile}).")
+    self.tile, self.overlap = tile, overlap
+    self.batch = max(self.dp, math.ceil(batch / self.dp) * self.dp)
+    if planner_kind not in PLANNERS:
+      raise FapeError(f"--planner={planner_kind!r}: use one of {', '.join(PLANNERS)}.")
+    self.planner_kind = planner_kind
+    self.plans_enabled = bool(config.plans.enabled)
+    self._planner = self._encoder = None
+
+  def retiled(self, tile: int, overlap: int) -> "Restorer":
+    """The same restorer (model, planner, compiled steps) with another tiling."""
+    if tile % self.multiple or not 0 <= overlap < tile:
+      raise FapeError(f"tile={tile} must be a multiple of {self.multiple} and overlap={overlap} "
+                      "in [0, tile).")
+    other = copy.copy(self)
+    other.tile, other.overlap = tile, overlap
+    return other
+
+  # --- planning --------------------------------------------------------------------------------
+
+  @property
+  def planner(self):
+    if self._planner is None:
+      from fape_jax.planning import planners  # pylint: disable=g-import-not-at-top (torch side)
+      cfg = self.config.plans.planner.copy_and_resolve_references()
+      with cfg.unlocked():
+        cfg.kind = self.planner_kind
+      self._planner = planners.build_planner(cfg)
+    return self._planner
+
+  @property
+  def encoder(self):
+    if self._encoder is None:
+      from fape_jax.planning import encoders  # pylint: disable=g-import-not-at-top (torch side)
+      hf_model = self.planner.model_id if self.planner.name == "hf" else ""
+      enc = encoders.build_encoder(self.config.plans.encoder, planner_model=hf_model)
+      if enc.dim != self.config.plans.dim:
+        raise FapeError(f"The plan encoder gives {enc.dim}-d tokens but the run was trained on "
+                        f"{self.config.plans.dim}-d plan tokens (config.plans.dim); the run's "
+                        "config.json must name the encoder it was trained with.")
+      self._encoder = enc
+    return self._encoder
+
+  def plan(self, images: Sequence[np.ndarray]) -> list:
+    """Plans for uint8 RGB images, by the planner."""
+    return self.planner.plan(list(images))
+
+  def encode(self, plans: Sequence) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Plan tokens (N, K, D) float32 and mask (N, K); (None, None) when the run uses no plans."""
+    if not self.plans_enabled:
+      return None, None
+    tokens, mask = self.encoder.encode([p.text for p in plans])
+    return np.asarray(tokens, np.float32), np.asarray(mask, bool)
+
+  # --- the executor ----------------------------------------------------------------------------
+
+  def run_batch(self, degraded: np.ndarray, tokens: np.ndarray | None = None,
+                mask: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(N, h, w, 3) in [-1, 1] (one plan, (K, D) / (K,), for all rows) -> restored, routing.
+
+    Rows are padded to a multiple of the data-parallel device count (the batch is split over the
+    devices); the padding is dropped from the results.
+    """
+    n = degraded.shape[0]
+    rows = math.ceil(n / self.dp) * self.dp
+    pad = lambda a: np.concatenate([a, np.repeat(a[-1:], rows - n, 0)]) if rows > n else a
+    batch = {"degraded": pad(np.asarray(degraded, np.float32))}
+    if self.plans_enabled:
+      if tokens is None:
+        raise FapeError("This run was trained with plans: restoring needs plan tokens.")
+      batch["plan_tokens"] = np.broadcast_to(np.asarray(tokens, np.float32),
+                                             (rows, *tokens.shape[-2:]))
+      batch["plan_mask"] = np.broadcast_to(np.asarray(mask, bool), (rows, mask.shape[-1]))
+    batch = jax.device_put(batch, self._batch_sharding)
+    out, routing = self._eval(self.params, self.frozen, batch)
+    return np.asarray(out)[:n], {k: np.asarray(v)[:n] for k, v in routing.items()}
+
+  def restore(self, rgb01: np.ndarray, tokens: np.ndarray | None = None,
+              mask: np.ndarray | None = None) -> Restored:
+    """Restores one H x W x 3 float image in [0, 1] of any size with one plan's tokens."""
+    if tokens is not None and tokens.ndim == 3:
+      tokens, mask = tokens[0], mask[0]
+    seen: list[dict[str, np.ndarray]] = []
+
+    def apply(tiles: np.ndarray) -> np.ndarray:
+      out, routing = self.run_batch(tiles, tokens, mask)
+      seen.append(routing)
+      return out
+
+    x = np.asarray(rgb01, np.float32) * 2.0 - 1.0
+    out = tiling.tiled_apply(apply, x, tile=self.tile, overlap=self.overlap,
+                             multiple=self.multiple, batch=self.batch)
+    h, w = x.shape[:2]
+    n = tile_count(h, w, tile=self.tile, overlap=self.overlap, multiple=self.multiple)
+    # tiled_apply repeats the last tile to fill its last call: only the first n rows are tiles.
+    routing = {k: np.concatenate([s[k] for s in seen])[:n].mean(0).tolist() for k in seen[0]}
+    return Restored(np.clip((out + 1.0) / 2.0, 0.0, 1.0), routing, n)
+
+
+def load_restorer(workdir: str | os.PathLike, *, step: int | None = None,
+                  planner: str | None = None, tile: int | None = None,
+                  overlap: int | None = None, batch: int = 4,
+                  devices: Sequence[Any] | None = None) -> Restorer:
+  """A `Restorer` for the run in `workdir` (newest checkpoint unless `step`).
+
+  `tile` defaults to the training crop (or 256 when unset), rounded up to the size multiple;
+  `overlap` to a quarter of the tile; `planner` to the run's planner kind.
+  """
+  workdir = epath.Path(workdir)
+  config = load_run_config(workdir)
+  mesh = inference_mesh(config, devices)
+  got, params, frozen, models = _restore_state(config, mesh, workdir, step)
+  return Restorer(config, step=got, mesh=mesh, models=models, params=params, frozen=frozen,
+                  tile=tile, overlap=overlap, batch=batch,
+                  planner_kind=planner or config.plans.planner.kind, workdir=workdir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image files: native bit depth, grayscale and alpha kept
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class ImageFile:
+  """A decoded image: RGB float32 in [0, 1], plus what writing it back needs."""
+  rgb: np.ndarray                   # H x W x 3 float32 in [0, 1] (gray repeated)
+  alpha: np.ndarray | None          # H x W, in the file's integer type, or None
+  gray: bool
+  bits: int                         # 8 or 16
+
+  @property
+  def rgb8(self) -> np.ndarray:
+    """8-bit RGB (what the planner and its hints take)."""
+    return np.round(self.rgb * 255.0).astype(np.uint8)
+
+
+def _png_bit_depth(path: str) -> int | None:
+  """The bit depth in a PNG's IHDR (Pillow hides it: 16-bit colour decodes as 8-bit RGB)."""
+  with open(path, "rb") as f:
+    head = f.read(25)
+  if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+    return head[24]
+  return None
+
+
+def _decode(path: str) -> np.ndarray:
+  """The file's pixels as uint8 / uint16, shape (H, W) or (H, W, 1..4)."""
+  lower = path.lower()
+  if lower.endswith((".tif", ".tiff")):
+    import tifffile  # pylint: disable=g-import-not-at-top
+    a = tifffile.imread(path)
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[2] not in (1, 3, 4):
+      a = np.moveaxis(a, 0, -1)  # planar (C, H, W) storage
+    return a
+  if lower.endswith(".png") and _png_bit_depth(path) == 16:
+    import imagecodecs  # pylint: disable=g-import-not-at-top
+    with open(path, "rb") as f:
+      return imagecodecs.png_decode(f.read())
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(path) as im:
+    im.load()  # decode now: truncated or corrupt data fails here
+    if im.mode == "P":
+      im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif im.mode in ("PA", "RGBa", "La"):
+      im = im.convert("RGBA" if im.mode != "La" else "LA")
+    elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+      im = im.convert("RGB")
+    elif im.mode == "1":
+      im = im.convert("L")
+    a = np.asarray(im)
+  if a.dtype.kind in "iu" and a.dtype.itemsize > 1:  # Pillow's I / I;16 (16-bit gray)
+    if a.min() < 0 or a.max() > 65535:
+      raise FapeError("pixel values outside 0..65535 (a 32-bit image)")
+    a = a.astype(np.uint16)
+  return a
+
+
+def read_image(path: str | os.PathLike) -> ImageFile:
+  """Reads an image file keeping its bit depth, gray/colour and alpha; FapeError names the file."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FapeError(f"Image file {path} does not exist (or is not a file).")
+  try:
+    a = _decode(path)
+  except Exception as e:  # noqa: BLE001 (decoders raise many types for bad data)
+    raise FapeError(f"Cannot read image {path}: {type(e).__name__}: {e}. The file is corrupt, "
+                    "truncated or not an image.") from None
+  if a.dtype not in (np.uint8, np.uint16):
+    raise FapeError(f"Image {path}: {a.dtype} pixels are not supported; save it as an 8- or "
+                    "16-bit PNG, TIFF or JPEG.")
+  if a.ndim == 2:
+    a = a[..., None]
+  if a.ndim != 3 or a.shape[2] not in (1, 2, 3, 4) or 0 in a.shape:
+    raise FapeError(f"Image {path}: unsupported shape {a.shape}; expected gray, gray+alpha, RGB "
+                    "or RGBA.")
+  channels = a.shape[2]
+  top = float(np.iinfo(a.dtype).max)
+  alpha = a[..., -1].copy() if channels in (2, 4) else None
+  color = a[..., :3] if channels >= 3 else np.repeat(a[..., :1], 3, axis=2)
+  return ImageFile(rgb=(color.astype(np.float32) / np.float32(top)), alpha=alpha,
+                   gray=channels <= 2, bits=16 if a.dtype == np.uint16 else 8)
+
+
+def check_writable_as(path: str | os.PathLike, like: ImageFile) -> None:
+  """Refuses output formats that would silently drop 16 bits or alpha."""
+  suffix = os.path.splitext(os.fspath(path))[1].lower()
+  if like.bits == 16 and suffix not in _FORMATS_16BIT:
+    raise FapeError(f"{path}: the input is a 16-bit image but {suffix} stores 8 bits; write it "
+                    f"as {' or '.join(_FORMATS_16BIT)}.")
+  if like.alpha is not None and suffix not in _FORMATS_ALPHA:
+    raise FapeError(f"{path}: the input has an alpha channel but {suffix} cannot store one; "
+                    f"write it as {' or '.join(_FORMATS_ALPHA)}.")
+
+
+def encode_like(rgb01: np.ndarray, like: ImageFile) -> np.ndarray:
+  """Restored RGB in [0, 1] -> pixels in the input's layout (gray, alpha, bit depth)."""
+  x = np.clip(np.asarray(rgb01, np.float64), 0.0, 1.0)
+  if like.gray:
+    x = (x @ _LUMA)[..., None]
+  top, dtype = (65535.0, np.uint16) if like.bits == 16 else (255.0, np.uint8)
+  out = np.round(x * top).astype(dtype)
+  if like.alpha is not None:
+    out = np.concatenate([out, like.alpha[..., None].astype(dtype)], axis=2)
+  return out[..., 0] if out.shape[2] == 1 else out
+
+
+def write_image(path: str | os.PathLike, rgb01: np.ndarray, like: ImageFile) -> None:
+  """Writes the restored image in the input's layout; atomically (temp file, then rename)."""
+  path = os.fspath(path)
+  check_writable_as(path, like)
+  pixels = encode_like(rgb01, like)
+  suffix = os.path.splitext(path)[1].lower()
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=".restore-", suffix=suffix, dir=folder)
+  os.close(fd)
+  try:
+    if suffix in (".tif", ".tiff"):
+      import tifffile  # pylint: disable=g-import-not-at-top
+      tifffile.imwrite(tmp, pixels, photometric="minisblack" if pixels.ndim == 2 or
+                       pixels.shape[2] == 2 else "rgb")
+    elif pixels.dtype == np.uint16:  # Pillow cannot write 16-bit colour PNGs
+      import imagecodecs  # pylint: disable=g-import-not-at-top
+      with open(tmp, "wb") as f:
+        f.write(imagecodecs.png_encode(pixels))
+    else:
+      from PIL import Image  # pylint: disable=g-import-not-at-top
+      kwargs = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
+      Image.fromarray(pixels).save(tmp, **kwargs)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans given by hand, sidecars
+# ----------------------------------------------------------------------------------------------
+
+def parse_manual_plan(text: str):
+  """`--plan` text -> ParsedPlan, by the strict one-line parser; FapeError says what is wrong."""
+  from fape_jax.planning import prompts  # pylint: disable=g-import-not-at-top
+  try:
+    return prompts.parse_plan(text)
+  except prompts.PlanFormatError as e:
+    raise FapeError(f"--plan is not a valid plan: {e}. Expected one line: "
+                    f"{prompts.FORMAT_LINE}") from None
+
+
+def manual_plans(parsed, images: Sequence[np.ndarray]) -> list:
+  """The hand-written plan for each image (with that image's hints, for the sidecar)."""
+  from fape_jax.planning import hints as hints_lib  # pylint: disable=g-import-not-at-top
+  from fape_jax.planning import planners  # pylint: disable=g-import-not-at-top
+  return [planners.Plan(task=parsed.task, focus=parsed.focus, rationale=parsed.rationale,
+                        pipeline=parsed.pipeline, raw=(parsed.text,),
+                        hints=hints_lib.compute_hints(im)) for im in images]
+
+
+def _jsonable(x: Any) -> Any:
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, np.generic):
+    return x.item()
+  return x
+
+
+def sidecar(plan, restored: Restored, meta: dict) -> dict:
+  """The sidecar JSON object of one restored image (schema in the module docstring)."""
+  return _jsonable({
+      "plan": {"task": plan.task, "focus": plan.focus, "rationale": plan.rationale,
+               "pipeline": list(plan.pipeline), "raw": list(plan.raw)},
+      "routing": {k: [round(float(v), 6) for v in w] for k, w in restored.routing.items()},
+      "hints": plan.hints.to_dict(),
+      "meta": meta,
+  })
+
+
+# ----------------------------------------------------------------------------------------------
+# Files and folders
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  source: str
+  output: str
+  sidecar: str
+
+
+def sidecar_path(output: str) -> str:
+  return os.path.splitext(output)[0] + ".json"
+
+
+def _same(a: str, b: str) -> bool:
+  if os.path.exists(a) and os.path.exists(b):
+    return os.path.samefile(a, b)
+  return os.path.realpath(a) == os.path.realpath(b)
+
+
+def plan_jobs(input_path: str, output_path: str, *, overwrite: bool = False) -> list[Job]:
+  """Input/output pairs for a file or a folder; refuses anything that would overwrite an input.
+
+  A folder input restores its images (not recursive) into the `output_path` folder under the
+  same names. Existing outputs are refused unless `overwrite`; an output that is an input is
+  always refused.
+  """
+  if not input_path or not output_path:
+    raise FapeError("--input and --output are both required.")
+  input_path, output_path = os.fspath(input_path), os.fspath(output_path)
+  if not os.path.exists(input_path):
+    raise FapeError(f"--input={input_path} does not exist.")
+  if os.path.isdir(input_path):
+    sources = images_lib.list_images(input_path)
+    if not sources:
+      raise FapeError(f"--input={input_path} holds no image files "
+                      f"({', '.join(images_lib.IMAGE_SUFFIXES)}).")
+    if os.path.isfile(output_path):
+      raise FapeError(f"--input is a folder, so --output must be a folder; {output_path} is a "
+                      "file.")
+    if _same(input_path, output_path):
+      raise FapeError(f"--output={output_path} is the input folder: restoring would overwrite "
+                      "the inputs. Choose another output folder.")
+    outputs = [os.path.join(output_path, os.path.basename(s)) for s in sources]
+  else:
+    sources = [input_path]
+    if os.path.isdir(output_path) or output_path.endswith(os.sep):
+      outputs = [os.path.join(output_path, os.path.basename(input_path))]
+    else:
+      outputs = [output_path]
+    suffix = os.path.splitext(outputs[0])[1].lower()
+    if suffix not in images_lib.IMAGE_SUFFIXES:
+      raise FapeError(f"--output={outputs[0]}: {suffix or 'no suffix'} is not an image format; "
+                      f"use one of {', '.join(images_lib.IMAGE_SUFFIXES)}.")
+  jobs = [Job(s, o, sidecar_path(o)) for s, o in zip(sources, outputs)]
+  clobber = [(j.output, s) for j in jobs for s in sources
+             if _same(j.output, s) or _same(j.sidecar, s)]
+  if clobber:
+    raise FapeError(f"Refusing to overwrite input file(s): {clobber[0][1]} would be replaced by "
+                    f"an output ({len(clobber)} in all). Choose another --output.")
+  sidecars: dict[str, str] = {}
+  for j in jobs:
+    if j.sidecar in sidecars:
+      raise FapeError(f"{os.path.basename(sidecars[j.sidecar])} and {os.path.basename(j.source)} "
+                      f"would share the sidecar {j.sidecar}; rename one of them or restore them "
+                      "separately.")
+    sidecars[j.sidecar] = j.source
+  if not overwrite:
+    existing = [p for j in jobs for p in (j.output, j.sidecar) if os.path.exists(p)]
+    if existing:
+      raise FapeError(f"{len(existing)} output file(s) exist already, e.g. {existing[:3]}; pass "
+                      "--overwrite to replace them, or choose another --output.")
+  return jobs
+
+
+@dataclasses.dataclass
+class RestoreReport:
+  done: list[Job]
+  failed: dict[str, str]   # input path -> error message
+
+  @property
+  def exit_code(self) -> int:
+    return EXIT_SOME_FAILED if self.failed else EXIT_OK
+
+
+def restore_paths(workdir: str | os.PathLike, input_path: str, output_path: str, *,
+                  step: int | None = None, planner: str | None = None, plan: str = "",
+                  tile: int | None = None, overlap: int | None = None, batch: int = 4,
+                  overwrite: bool = False, restorer: Restorer | None = None,
+                  say: Callable[[str], None] = print) -> RestoreReport:
+  """Restores a file or a folder (what the CLI runs); per-image failures do not stop the rest.
+
+  Usage errors (bad paths, no run, malformed `plan`) raise FapeError before any work; an image
+  that cannot be read, planned or written is reported in `failed` and on stderr.
+  """
+  parsed = parse_manual_plan(plan) if plan else None
+  jobs = plan_jobs(input_path, output_path, overwrite=overwrite)
+  if restorer is None:
+    restorer = load_restorer(workdir, step=step, planner=planner, tile=tile, overlap=overlap,
+                             batch=batch)
+  if os.path.isdir(input_path):
+    os.makedirs(output_path, exist_ok=True)
+  report = RestoreReport([], {})
+  for job in jobs:
+    try:
+      image = read_image(job.source)
+      check_writable_as(job.output, image)
+      plans = (manual_plans(parsed, [image.rgb8]) if parsed is not None
+               else restorer.plan([image.rgb8]))
+      tokens, mask = restorer.encode(plans)
+      result = restorer.restore(image.rgb, tokens, mask)
+      h, w = image.rgb.shape[:2]
+      meta = {"input": os.path.abspath(job.source), "workdir": os.path.abspath(restorer.workdir),
+              "checkpoint_step": restorer.step, "size": [w, h], "tiles": result.tiles,
+              "tile": restorer.tile, "overlap": restorer.overlap,
+              "planner": "manual" if parsed is not None else restorer.planner_kind,
+              "bits": image.bits, "gray": image.gray, "alpha": image.alpha is not None}
+      os.makedirs(os.path.dirname(os.path.abspath(job.output)), exist_ok=True)
+      write_image(job.output, result.image, image)
+      with open(job.sidecar, "w", encoding="utf-8") as f:
+        json.dump(sidecar(plans[0], result, meta), f, indent=2)
+      report.done.append(job)
+      say(f"{job.source} -> {job.output} ({plans[0].task}, {result.tiles} tile(s))")
+    except (FapeError, OSError) as e:
+      report.failed[job.source] = str(e)
+      print(f"error: {job.source}: {e}", file=sys.stderr)
+  if report.failed:
+    print(f"error: {len(report.failed)} of {len(jobs)} image(s) failed (exit code "
+          f"{EXIT_SOME_FAILED}); the others were written.", file=sys.stderr)
+  return report

@@ -1,0 +1,183 @@
+"""The evaluate CLI's library: metrics per set and task, planner readout, baselines, HTML report.
+
+One evaluation of one run is shared by the module: the tiny config at initialisation with the
+UNet's last conv zeroed, so the executor is exactly the identity. Then every "restored" score must
+equal the degraded input's score on the same image, which checks that each restored image is
+scored against its own ground truth at native resolution (no training needed for that).
+Y-channel PSNR/SSIM against scikit-image are tested in test_metrics.py.
+"""
+import base64
+import contextlib
+import html.parser
+import io
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from configs import base
+from fape_jax import baselines as baselines_lib
+from fape_jax import checkpoint as ckpt_lib
+from fape_jax import evaluate_lib
+from fape_jax import metrics as metrics_lib
+from fape_jax import restore_lib
+from fape_jax import sharding as shard_lib
+from fape_jax import train_lib
+from fape_jax.data import degrade
+from fape_jax.errors import FapeError
+from fape_jax.tasks import TASKS
+
+
+def write_identity_run(workdir, data_dir):
+  """A run directory as training leaves it (config.json, checkpoint), identity executor, step 0."""
+  cfg = base.get_config("tiny")
+  cfg.data.data_dir = str(data_dir)
+  mesh = shard_lib.make_mesh(cfg.mesh.axes, (1, 1), jax.devices()[:1])
+  state, _, _ = train_lib.create_state(cfg, mesh)
+  state["gen"]["params"] = nnx.from_flat_state([
+      (p, v.replace(v.get_value() * 0) if p[:2] == ("unet", "conv_out") else v)
+      for p, v in nnx.to_flat_state(state["gen"]["params"])])
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1)
+  ckpt.save(0, state, force=True)
+  ckpt.close()
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def rain_folder(root):
+  """A one-pair benchmark in the Rain100L layout (input/ + target/), 40 x 48: not square, and
+  larger than the 32-px working size, so it is restored in tiles at native resolution."""
+  rng = np.random.default_rng(0)
+  for sub in ("input", "target"):
+    os.makedirs(root / sub)
+  for i in range(1):
+    clean = (rng.uniform(0.2, 0.8, (40, 48, 3)) * 255).astype(np.uint8)
+    rainy = np.clip(clean.astype(int) + (rng.uniform(size=(40, 48, 1)) > 0.97) * 120, 0, 255)
+    Image.fromarray(clean).save(root / "target" / f"{i}.png")
+    Image.fromarray(rainy.astype(np.uint8)).save(root / "input" / f"{i}.png")
+  return root
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+  run = tmp_path_factory.mktemp("run")
+  write_identity_run(run, tmp_path_factory.getbasetemp() / "tiny_data")
+  bench = rain_folder(tmp_path_factory.mktemp("rain100l"))
+  out = tmp_path_factory.mktemp("eval")
+  restorer = restore_lib.load_restorer(run, devices=jax.devices()[:2])
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    metrics = evaluate_lib.evaluate(run, out, data=[("rain100l", str(bench))], per_task=1,
+                                    num_samples=1, restorer=restorer)
+  return metrics, out, printed.getvalue(), bench
+
+
+def test_every_set_and_task_is_scored(evaluated):
+  metrics, out, _, _ = evaluated
+  assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+  sets = metrics["sets"]
+  assert list(sets) == ["validation", "mixes", "rain100l"]
+  assert list(sets["validation"]["tasks"]) == list(TASKS)
+  assert set(sets["mixes"]["tasks"]) == set(degrade.MIX_NAMES)
+  assert list(sets["rain100l"]["tasks"]) == ["deraining"]
+  assert sets["rain100l"]["n"] == 1 and sets["validation"]["n"] == 7
+  for name, s in sets.items():
+    for task, t in s["tasks"].items():
+      m = t["methods"]
+      # The identity executor returns the input: restored scores equal the input's exactly.
+      assert m["restored"]["psnr"] == pytest.approx(m["input"]["psnr"], abs=1e-9), (name, task)
+      assert m["restored"]["ssim"] == pytest.approx(m["input"]["ssim"], abs=1e-9), (name, task)
+      assert np.isfinite(m["input"]["psnr"]) and -1 <= m["input"]["ssim"] <= 1
+      assert "lpips" not in m["restored"]  # no LPIPS weights configured
+      if s["kind"] == "single":
+        assert set(m) == {"input", "restored", *baselines_lib.BASELINES[task]}
+      else:
+        assert set(m) == {"input", "restored"}
+      assert sum(t["planned"].values()) == t["n"]
+      assert t["routing"] and all(abs(sum(w) - 1) < 1e-4 for w in t["routing"].values())
+
+
+def test_scores_are_at_native_resolution(evaluated):
+  metrics, _, _, bench = evaluated
+  want = metrics_lib.psnr_y(np.asarray(Image.open(bench / "input" / "0.png")),
+                            np.asarray(Image.open(bench / "target" / "0.png")))
+  got = metrics["sets"]["rain100l"]["tasks"]["deraining"]["methods"]["input"]["psnr"]
+  assert got == pytest.approx(want, abs=1e-9)
+
+
+def test_planner_readout(evaluated):
+  metrics, _, printed, _ = evaluated
+  p = metrics["sets"]["validation"]["planner"]
+  confusion = np.asarray(p["confusion"])
+  assert confusion.shape == (7, 7) and confusion.sum() == p["n"] == 7
+  assert p["correct"] == np.trace(confusion) and p["accuracy"] == pytest.approx(p["correct"] / 7)
+  assert p["name"] == "rule"
+  assert f"planner task readout (rule): {p['accuracy']:.3f}" in printed
+  # Mixes have no single-task label: no accuracy, but what they were planned as is reported.
+  assert metrics["sets"]["mixes"]["planner"]["accuracy"] is None
+  assert "planned as:" in printed and "[mixes]" in printed and "[rain100l]" in printed
+
+
+class StrictHTML(html.parser.HTMLParser):
+  """Collects ids and image sources; fails on tags closed out of order."""
+  VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+  def __init__(self):
+    super().__init__()
+    self.stack, self.ids, self.srcs, self.errors = [], set(), [], []
+
+  def handle_starttag(self, tag, attrs):
+    attrs = dict(attrs)
+    if "id" in attrs:
+      self.ids.add(attrs["id"])
+    if tag == "img":
+      self.srcs.append(attrs["src"])
+    if tag not in self.VOID:
+      self.stack.append(tag)
+
+  def handle_endtag(self, tag):
+    if not self.stack or self.stack[-1] != tag:
+      self.errors.append(f"</{tag}> closes {self.stack[-1:]}")
+    else:
+      self.stack.pop()
+
+
+def test_report_is_self_contained_html_with_every_task(evaluated):
+  metrics, out, _, _ = evaluated
+  text = (out / "report.html").read_text()
+  parser = StrictHTML()
+  parser.feed(text)
+  parser.close()
+  assert not parser.errors and not parser.stack, (parser.errors, parser.stack)
+  for name, s in metrics["sets"].items():
+    assert name in parser.ids
+    for task in s["tasks"]:
+      assert report_id(name, task) in parser.ids, (name, task)
+  # Opens with no server and no network: every image is inline, nothing is fetched.
+  assert parser.srcs and all(s.startswith("data:image/png;base64,") for s in parser.srcs)
+  for s in parser.srcs:
+    Image.open(io.BytesIO(base64.b64decode(s.split(",", 1)[1]))).verify()
+  lowered = text.lower()
+  assert "http://" not in lowered and "https://" not in lowered
+  assert "<script" not in lowered and "<link" not in lowered and "@import" not in lowered
+  # Sample grids come with their plan text.
+  assert "Task: " in text and "Pipeline: " in text
+
+
+def report_id(name, task):
+  from fape_jax import report
+  return report.anchor(name, task)
+
+
+def test_data_flag_is_checked(tmp_path):
+  assert evaluate_lib.parse_data_flag([f"rain100l:{tmp_path}"]) == [("rain100l", str(tmp_path))]
+  with pytest.raises(FapeError, match="NAME:FOLDER"):
+    evaluate_lib.parse_data_flag(["rain100l"])
+  with pytest.raises(FapeError, match="unknown benchmark"):
+    evaluate_lib.parse_data_flag([f"rain999:{tmp_path}"])
+  with pytest.raises(FapeError, match="not a folder"):
+    evaluate_lib.parse_data_flag([f"rain100l:{tmp_path}/missing"])
