@@ -314,7 +314,8 @@ def top1(weights: jax.Array, mode: str = "ste", epsilon: float = 0.01) -> jax.Ar
   """Top-1 routing over the last axis (see the module docstring for the gradient of each mode)."""
   hard = jax.nn.one_hot(jnp.argmax(weights, axis=-1), weights.shape[-1], dtype=weights.dtype)
   if mode == "ste":
-    return hard + weights - jax.lax.stop_gradient(weights)
+    # Parenthesised: (a - sg(a)) is exactly 0, while (hard + a) - a is not exactly hard.
+    return hard + (weights - jax.lax.stop_gradient(weights))
   if mode == "epsilon":
     kept = weights * jnp.where(hard > 0, 1.0, epsilon)
     return kept / jnp.sum(kept, axis=-1, keepdims=True)
