@@ -13,6 +13,11 @@ from fape_jax.models import lora_moe
 CTX = 6  # context (projected plan token) width of the toy model
 
 
+def _rngs(seed):
+  # rbg compiles the many small init programs several times faster than threefry on CPU.
+  return nnx.Rngs(jax.random.key(seed, impl="rbg"))
+
+
 class _Attention(nnx.Module):
   """diffusers-named attention: to_q/to_k/to_v, to_out = [Linear]; masked single-head softmax."""
 
@@ -98,9 +103,9 @@ class ToyUNet(nnx.Module):
 
 
 def _toy(config=None, *, remat=False, seed=0):
-  model = ToyUNet(remat=remat, rngs=nnx.Rngs(seed))
+  model = ToyUNet(remat=remat, rngs=_rngs(seed))
   paths = lora_moe.add_adapters(model, config or lora_moe.default_lora_config(), context_dim=CTX,
-                                rngs=nnx.Rngs(seed + 1))
+                                rngs=_rngs(seed + 1))
   return model, paths
 
 
@@ -211,6 +216,9 @@ def test_top1_is_one_hot_forward_and_passes_gradient():
 
   ste = lora_moe.top1(a, "ste")
   np.testing.assert_array_equal(ste, [[1.0, 0.0], [0.0, 1.0]])
+  many = jax.nn.softmax(2 * jax.random.normal(jax.random.key(0), (64, 2)))
+  np.testing.assert_array_equal(  # exactly one-hot, not 1 +- rounding
+      lora_moe.top1(many, "ste"), jax.nn.one_hot(jnp.argmax(many, -1), 2))
   grad_ste = jax.grad(lambda a: jnp.sum(lora_moe.top1(a, "ste") * g))(a)
   np.testing.assert_allclose(grad_ste, jnp.broadcast_to(g, a.shape))  # straight through
 
@@ -270,7 +278,7 @@ def test_surgery_adapts_attention_projections_and_keeps_base_frozen():
                                                       and "resnets" not in name), name
   with pytest.raises(FapeError, match="already has adapters"):
     lora_moe.add_adapters(model, lora_moe.default_lora_config(), context_dim=CTX,
-                          rngs=nnx.Rngs(0))
+                          rngs=_rngs(0))
 
   cfg = lora_moe.default_lora_config()
   cfg.conv_lora = True
@@ -287,7 +295,7 @@ def test_zero_init_is_exactly_the_base_model_and_routing_is_reported():
   x, ctx, mask = _inputs()
   cfg = lora_moe.default_lora_config()
   cfg.conv_lora = True  # linear and conv wrappers
-  plain = ToyUNet(rngs=nnx.Rngs(0))
+  plain = ToyUNet(rngs=_rngs(0))
   model, paths = _toy(cfg)
   out, aux = _run(model, x, ctx, mask)
   np.testing.assert_array_equal(out, plain(x, ctx, mask))
@@ -380,7 +388,7 @@ def test_variants_dense_token_gate_descriptor_and_first_layer_top1():
   dense = lora_moe.default_lora_config()
   dense.variant = "dense"
   model, paths = _toy(dense)
-  plain = ToyUNet(rngs=nnx.Rngs(0))
+  plain = ToyUNet(rngs=_rngs(0))
   out, aux = _run(model, x, ctx, mask)
   np.testing.assert_array_equal(out, plain(x, ctx, mask))
   assert aux == {"routing": {}, "freq_terms": {}}
