@@ -11,6 +11,7 @@ checkpoint written on 8 devices lands on 1 device or on a 2x2 mesh.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -28,7 +29,9 @@ class Checkpointer:
 
   def __init__(self, directory: str | epath.Path, *, save_every: int, keep: int,
                read_only: bool = False):
-    self.directory = epath.Path(directory)
+    # Orbax wants absolute paths; cloud paths (gs://...) already are.
+    self.directory = epath.Path(directory if "://" in str(directory)
+                                else os.path.abspath(directory))
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=max(1, save_every), create=not read_only,
         read_only=read_only)

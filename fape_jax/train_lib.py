@@ -179,7 +179,7 @@ def create_state(config, mesh):
 # ----------------------------------------------------------------------------------------------
 
 def _generator_forward(models: Models, gen_params, gen_frozen, batch):
-  gen = nnx.merge(models.gen_def, gen_params, gen_frozen)
+  gen = nnx.merge(models.gen_def, gen_params, gen_frozen, copy=True)
   return gen(batch["degraded"], batch.get("plan_tokens"), batch.get("plan_mask"))
 
 
@@ -382,7 +382,8 @@ def _check_finite(step: int, scalars: dict, last_saved: int | None) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from `workdir` if it holds checkpoints), validates, returns the last table."""
-  workdir = epath.Path(workdir)
+  # Orbax wants absolute paths; cloud paths (gs://...) already are.
+  workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
   workdir.mkdir(parents=True, exist_ok=True)
   distributed.assert_same_across_processes("config", config.to_json_best_effort(sort_keys=True))
   _write_config(workdir, config)
@@ -623,9 +624,9 @@ def _residual_bytes(config, abstract, per_device_batch: int, remat: bool) -> int
   def measure(b: int) -> int:
     batch = {"degraded": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)}
     if cfg.plans.enabled:
-      batch["plan_tokens"] = jax.ShapeDtypeStruct((b, cfg.plans.max_tokens, cfg.plans.dim),
+      batch["plan_tokens"] = jax.ShapeDtypeStruct((b, cfg.plans.encoder.max_tokens, cfg.plans.dim),
                                                   jnp.float32)
-      batch["plan_mask"] = jax.ShapeDtypeStruct((b, cfg.plans.max_tokens), jnp.bool_)
+      batch["plan_mask"] = jax.ShapeDtypeStruct((b, cfg.plans.encoder.max_tokens), jnp.bool_)
 
     def residuals(gparams, gfrozen, batch):
       fn = lambda p: _generator_forward(models, p, gfrozen, batch)[0]
