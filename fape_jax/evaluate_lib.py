@@ -327,11 +327,13 @@ def evaluate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
   train_data = train_lib.prepare_data(config)
   store = train_data.plans
+  # Validation plans come from the run's plan store (whatever planner built it); the mixes and
+  # benchmarks are planned now by the restorer's planner, unless the store has them.
   store_planner = store.manifest.get("planner", "?") if store is not None else None
-  plan_name = lambda: store_planner or restorer.planner_kind
   sets["validation"], samples["validation"] = evaluate_set(
       "validation", "single", select_records(train_data.val, per_task), restorer, store=store,
-      planner_name=plan_name(), lpips=lpips, baselines=baselines, num_samples=num_samples)
+      planner_name=store_planner or restorer.planner_kind, lpips=lpips, baselines=baselines,
+      num_samples=num_samples)
   _say(format_set_table("validation", sets["validation"]))
   if mixes:
     pairs.prepare_synthetic(config.data.data_dir, config.data)
@@ -344,8 +346,9 @@ def evaluate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
   for name, folder in data:
     src = _benchmark_source(config, name, folder)
     sets[name], samples[name] = evaluate_set(
-        name, "single", select_records(src, per_task), restorer, planner_name=
-        restorer.planner_kind, lpips=lpips, baselines=baselines, num_samples=num_samples)
+        name, "single", select_records(src, per_task), restorer,
+        planner_name=restorer.planner_kind, lpips=lpips, baselines=baselines,
+        num_samples=num_samples)
     _say(format_set_table(name, sets[name]))
   if baselines:
     for name, s in sets.items():
