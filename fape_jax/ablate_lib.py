@@ -149,7 +149,8 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
         _say(f"[ablation] {name}: finished earlier ({prev['steps']} steps), not retrained.")
         results[name] = prev
         continue
-      _say(f"[ablation] {name}: its earlier result was for another config; training again.")
+      _say(f"[ablation] {name}: its earlier result is for another config; running it again "
+           "(training resumes from its checkpoints, if any).")
     _say(f"[ablation] {name}: {VARIANTS[name][0]}; training {cfg.total_steps} steps in {vdir}.")
     table = train_fn(cfg, os.fspath(vdir))
     if not table:  # checkpoints already complete: validate the finished run instead

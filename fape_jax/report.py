@@ -201,7 +201,8 @@ def _method_rows(task_metrics: Mapping[str, Any]) -> tuple[list[list[str]], list
 
 
 def _set_summary(name: str, s: Mapping[str, Any]) -> str:
-  out = [f"<h2 id=\"{anchor(name)}\">{esc(name)} ({s['n']} images{', zero-shot' if s['kind'] == 'mixes' else ''})</h2>"]
+  zero_shot = ", zero-shot" if s["kind"] == "mixes" else ""
+  out = [f'<h2 id="{anchor(name)}">{esc(name)} ({s["n"]} images{zero_shot})</h2>']
   rows = []
   for task, t in s["tasks"].items():
     m = t["methods"]

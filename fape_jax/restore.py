@@ -3,7 +3,7 @@ r"""Restore an image or a folder of images with a trained run.
   python -m fape_jax.restore --workdir=runs/base --input=photo.png --output=restored.png
   python -m fape_jax.restore --workdir=runs/base --input=photos/ --output=restored/
   python -m fape_jax.restore --workdir=runs/base --input=x.png --output=y.png \
-      --plan="Task: dehazing, Focus: low, Rationale: grey veil, Pipeline: lift contrast -> fix tone."
+      --plan="Task: dehazing, Focus: low, Rationale: grey veil, Pipeline: lift contrast -> tone."
 
 Writes each restored image at its native size (same bit depth, gray/colour and alpha as the input)
 and a sidecar NAME.json with the plan, the per-layer routing weights and the hints.

@@ -1,6 +1,6 @@
 """Restoring images with a trained run: model loading, planning, tiling, image files, sidecars.
 
-  restorer = load_restorer("runs/base")            # config.json + newest checkpoint, current devices
+  restorer = load_restorer("runs/base")       # config.json + newest checkpoint, current devices
   result = restorer.restore(rgb01, *restorer.encode([plan]))
   report = restore_paths("runs/base", "in/", "out/")   # what `python -m fape_jax.restore` runs
 
