@@ -174,10 +174,24 @@ def routing_task_figure(routing: Mapping[str, Sequence[float]], title: str):
 # The evaluation report
 # ----------------------------------------------------------------------------------------------
 
-def _grid(triples: Sequence[Sequence[np.ndarray]], gap: int = 4) -> np.ndarray:
+def _thumbnail(image: np.ndarray, max_side: int) -> np.ndarray:
+  """Shrinks (area averaging) so the long side is <= max_side: benchmark photos would make the
+  report tens of MB; tiny images stay as they are and are enlarged by the browser instead."""
+  h, w = image.shape[:2]
+  if max(h, w) <= max_side:
+    return image
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  s = max_side / max(h, w)
+  size = (max(1, round(w * s)), max(1, round(h * s)))
+  return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))
+
+
+def _grid(triples: Sequence[Sequence[np.ndarray]], gap: int = 4,
+          max_side: int = 256) -> np.ndarray:
   """Rows of (degraded, restored, clean) uint8 images side by side, white gaps between."""
   rows = []
   for triple in triples:
+    triple = [_thumbnail(np.asarray(t, np.uint8), max_side) for t in triple]
     h = max(t.shape[0] for t in triple)
     cells = []
     for t in triple:
