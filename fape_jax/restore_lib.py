@@ -581,6 +581,11 @@ def restore_paths(workdir: str | os.PathLike, input_path: str, output_path: str,
   if restorer is None:
     restorer = load_restorer(workdir, step=step, planner=planner, tile=tile, overlap=overlap,
                              batch=batch)
+  # Load the planner and encoder now: a missing model is a usage error, not a per-image one.
+  if parsed is None:
+    _ = restorer.planner
+  if restorer.plans_enabled:
+    _ = restorer.encoder
   if os.path.isdir(input_path):
     os.makedirs(output_path, exist_ok=True)
   report = RestoreReport([], {})
