@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -60,6 +61,8 @@ def machine_info() -> dict[str, Any]:
   return {
       "cpu": cpu_model(),
       "cores": os.cpu_count(),
+      # Cores this process may run on (fewer than `cores` under `taskset`).
+      "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "commit": git_commit(),
       "python": platform.python_version(),
@@ -68,7 +71,8 @@ def machine_info() -> dict[str, Any]:
 
 
 def command_line() -> str:
-  return " ".join([".venv/bin/python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+  """This run's command, shell-quoted, as typed from the repository root."""
+  return shlex.join([".venv/bin/python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
 
 
 def median(xs) -> float:
@@ -93,9 +97,10 @@ def alternate(fns: Mapping[str, Callable[[], Any] | tuple[Callable[[], Any], int
   A value may be `(fn, n)` to give that entry its own number of calls per round (e.g. more for
   a short matmul than for a long train step).
 
-  Returns per name: `median_s` (median over rounds of each round's median call), `round_s` (the
-  per-round medians), `calls_s` (every call) and `load` (the 1-minute load average after each
-  round). Even rounds run the names in the given order, odd rounds in reverse (A B, B A, ...), so
+  Returns per name: `median_s` (median over rounds of each round's mean call time), `round_s`
+  (the per-round means), `calls_s` (every call) and `load` (the 1-minute load average after each
+  round). The mean within a round keeps steps that differ by design (a discriminator update every
+  other step) in proportion; the median across rounds drops rounds hit by a load spike. Even rounds run the names in the given order, odd rounds in reverse (A B, B A, ...), so
   no side always runs right after the same neighbour.
   """
   names = list(fns)
@@ -104,14 +109,29 @@ def alternate(fns: Mapping[str, Callable[[], Any] | tuple[Callable[[], Any], int
   for r in range(rounds):
     for name in (names if r % 2 == 0 else names[::-1]):
       times = time_calls(*fns[name])
-      out[name]["round_s"].append(median(times))
+      out[name]["round_s"].append(statistics.fmean(times))
       out[name]["calls_s"].extend(times)
       out[name]["load"].append(load_average()[0])
       if log:
-        log(f"round {r + 1}/{rounds} {name}: {median(times):.4f} s (load {load_average()[0]})")
+        log(f"round {r + 1}/{rounds} {name}: {statistics.fmean(times):.4f} s "
+            f"(load {load_average()[0]})")
   for name in names:
     out[name]["median_s"] = median(out[name]["round_s"])
+    out[name]["min_s"] = min(out[name]["calls_s"])
   return out
+
+
+def ratio_stats(timed: Mapping[str, Mapping[str, Any]], num: str, den: str) -> dict[str, float]:
+  """num / den three ways: of the medians, of the fastest calls, and the median per-round ratio.
+
+  On a shared CPU the sides need not suffer equally from load (a framework whose threads wait
+  at a barrier for a descheduled peer loses more than one that steals work), so the ratio of
+  the fastest calls (least disturbed) is reported next to the ratio of medians.
+  """
+  a, b = timed[num], timed[den]
+  per_round = [x / y for x, y in zip(a["round_s"], b["round_s"])]
+  return {"of_medians": a["median_s"] / b["median_s"], "of_fastest": a["min_s"] / b["min_s"],
+          "median_per_round": median(per_round)}
 
 
 def matmul_peak_fn(n: int = 2048, dtype: str = "float32"):

@@ -66,6 +66,7 @@ def _step_from_results(config) -> dict[str, Any] | None:
 def main(argv):
   del argv
   config = FLAGS.config
+  machine = measure.machine_info()  # date and load at the start
   say = measure.say
   from fape_jax import train_lib  # pylint: disable=g-import-not-at-top
 
@@ -128,7 +129,7 @@ def main(argv):
   result = {
       "benchmark": "pipeline",
       "command": measure.command_line(),
-      "machine": measure.machine_info(),
+      "machine": machine,
       "config": {"variant": config.get("variant"), "data_dir": d.data_dir, "name": d.name,
                  "batch_size": d.batch_size, "crop": d.crop, "read_threads": d.read_threads,
                  "prefetch": d.prefetch, "plans": bool(config.plans.enabled),

@@ -175,6 +175,7 @@ def main(argv):
     size, mode = FLAGS.worker.split(":")
     print(json.dumps(_worker(config, int(size), mode)), flush=True)
     return
+  machine = measure.machine_info()  # date and load at the start
   sizes = [int(s) for s in FLAGS.sizes]
   passthrough = [a for a in sys.argv[1:] if not a.startswith(("--worker", "--name"))]
   results = []
@@ -201,7 +202,7 @@ def main(argv):
   result = {
       "benchmark": "restore",
       "command": measure.command_line(),
-      "machine": {**measure.machine_info(), "jax": jax.__version__, "backend": dev.platform,
+      "machine": {**machine, "jax": jax.__version__, "backend": dev.platform,
                   "device_kind": dev.device_kind},
       "config": {"variant": config.get("variant"), "unet": config.model.unet.to_dict(),
                  "vae": config.model.vae is not None, "dtype": config.model.dtype,

@@ -328,6 +328,7 @@ def build_steps(config, *, want_compile: bool, log=measure.say) -> dict[str, Any
 
 def main(argv):
   del argv
+  machine = measure.machine_info()  # date and load at the start
   config = FLAGS.config
   set_threads(FLAGS.threads)
   batch = torch_batch(random_batch(config))
@@ -342,7 +343,7 @@ def main(argv):
   result = {
       "benchmark": "torch_reference",
       "command": measure.command_line(),
-      "machine": {**measure.machine_info(), "torch": torch.__version__,
+      "machine": {**machine, "torch": torch.__version__,
                   "torch_threads": torch.get_num_threads()},
       "config": {"variant": config.get("variant"), "unet": config.model.unet.to_dict(),
                  "vae": config.model.vae is not None, "batch": b, "crop": config.data.crop},

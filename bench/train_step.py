@@ -172,6 +172,7 @@ def config_summary(config) -> dict[str, Any]:
 def main(argv):
   del argv
   config = FLAGS.config
+  machine = measure.machine_info()  # date and load at the start
   say = measure.say
   dev = jax.devices()[0]
   say(f"devices: {jax.device_count()} x {dev.device_kind}; load {measure.load_average()}")
@@ -222,7 +223,7 @@ def main(argv):
   result: dict[str, Any] = {
       "benchmark": "train_step",
       "command": measure.command_line(),
-      "machine": {**measure.machine_info(), "jax": jax.__version__, "backend": dev.platform,
+      "machine": {**machine, "jax": jax.__version__, "backend": dev.platform,
                   "device_kind": dev.device_kind, "devices": jax.device_count()},
       "config": config_summary(config),
       "peak_matmul": {"n": FLAGS.peak_n, "dtype": FLAGS.peak_dtype, "flop_per_s": peak,
@@ -250,6 +251,12 @@ def main(argv):
     result["speedup_compile"] = (result["torch_compile_step_s"] / result["jax_step_s"]
                                  if matched is not None and result["torch_compile_step_s"]
                                  else None)
+    if matched is not None:
+      result["speedup_stats"] = {"torch_eager/jax_matched": measure.ratio_stats(
+          timed, "torch_eager", "jax_matched")}
+      if "torch_compile" in timed:
+        result["speedup_stats"]["torch_compile/jax_matched"] = measure.ratio_stats(
+            timed, "torch_compile", "jax_matched")
     result["torch"] = torch_info
   mem = device_memory_peak()
   result["peak_memory"] = {"device_bytes": mem, "max_rss_bytes": measure.max_rss_bytes()}

@@ -70,12 +70,13 @@ def _thunk_times(data, index) -> dict[str, float]:
   return out
 
 
-def op_breakdown(compiled, run: Callable[[], Any], *, runs: int = 3, top: int = 25,
+def op_breakdown(compiled, run: Callable[[], Any], *, runs: int = 4, top: int = 25,
                  trace_dir: str | None = None) -> dict[str, Any]:
   """Traces `runs` calls of `run()` and groups the time of `compiled`'s thunks.
 
-  Each thunk's time is its median over the runs, so a thread descheduled for a moment on a
-  shared machine does not make one op look slow.
+  Each thunk's time is its median over the runs it ran in (so a thread descheduled for a moment
+  on a shared machine does not make one op look slow), weighted by the share of runs it ran in.
+  Use an even `runs` for a step with a discriminator update every other step.
   """
   import jax  # pylint: disable=g-import-not-at-top
   index = hlo_index(compiled.as_text())
@@ -93,7 +94,12 @@ def op_breakdown(compiled, run: Callable[[], Any], *, runs: int = 3, top: int = 
         return {"error": "the profiler wrote no trace"}
       per_run.append(_thunk_times(jax.profiler.ProfileData.from_file(str(files[-1])), index))
   names = set().union(*per_run)
-  times = {n: statistics.median(r.get(n, 0.0) for r in per_run) for n in names}
+  # A thunk that runs only in some steps (the discriminator update every `d_every` steps) counts
+  # with its median time where it ran, times the share of steps it ran in.
+  times = {}
+  for n in names:
+    ran = [r[n] for r in per_run if n in r]
+    times[n] = statistics.median(ran) * len(ran) / len(per_run)
   by_kind, by_phase, by_source = (collections.Counter() for _ in range(3))
   singles = []
   for name, ms in times.items():

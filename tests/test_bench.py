@@ -243,3 +243,10 @@ def test_gpu_script_refuses_to_run_without_a_gpu():
                         check=False, timeout=120)
   assert proc.returncode == 2
   assert "jax finds no GPU" in proc.stderr and 'jax[cuda12]' in proc.stderr
+
+
+def test_benchmarks_md_tables_are_rendered_from_the_results():
+  import report  # pylint: disable=g-import-not-at-top
+  text = report.DOC.read_text()
+  assert "<!-- results:train_step -->" in text
+  assert report.render(text) == text, "BENCHMARKS.md is stale: run .venv/bin/python bench/report.py"

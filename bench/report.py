@@ -1,0 +1,259 @@
+"""Renders the result tables of BENCHMARKS.md from bench/results/*.json.
+
+  .venv/bin/python bench/report.py            # rewrites the generated blocks in BENCHMARKS.md
+  .venv/bin/python bench/report.py --check    # exit 1 if BENCHMARKS.md is out of date
+
+Each generated block sits between `<!-- results:NAME -->` and `<!-- /results -->` (NAME = a
+result file's stem, e.g. train_step); everything outside the blocks is hand-written analysis and
+left alone. Numbers therefore reach BENCHMARKS.md only from the JSON the benchmarks wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import measure
+
+DOC = measure.REPO / "BENCHMARKS.md"
+_BLOCK = re.compile(r"(<!-- results:([\w\-]+) -->\n)(.*?)(<!-- /results -->)", re.S)
+
+
+def _f(x: Any, digits: int = 3) -> str:
+  if x is None:
+    return "—"
+  if isinstance(x, int) and not isinstance(x, bool) and abs(x) >= 1e5:
+    x = float(x)
+  if isinstance(x, float):
+    if x != 0 and (abs(x) >= 1e5 or abs(x) < 1e-3):
+      return f"{x:.3g}"
+    return f"{x:.{digits}g}"
+  return str(x)
+
+
+def _mib(b: Any) -> str:
+  return "—" if not b else f"{b / 2 ** 20:,.0f}"
+
+
+def _header(r: dict) -> list[str]:
+  m = r["machine"]
+  load_end = r.get("load_average_end")
+  where = f"{m.get('device_kind', 'cpu')}" if m.get("backend", "cpu") != "cpu" else m["cpu"]
+  cores = m["cores"] if m.get("usable_cores") in (None, m["cores"]) else \
+      f"{m['usable_cores']} of {m['cores']}"
+  lines = [f"Machine: {where}, {cores} cores"
+           + (f" ({m['backend']}, {m.get('devices', 1)} device(s))" if m.get("backend") else "")
+           + f"; {m['date']}; commit `{m['commit']}`; load average "
+           f"{m['load_average_start']} at start" + (f", {load_end} at end" if load_end else ""),
+           "", f"Command: `{r['command']}`", ""]
+  return lines
+
+
+def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
+  out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+  out += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in row) + " |"
+          for row in rows]
+  return out
+
+
+def train_step(r: dict) -> list[str]:
+  c = r["config"]
+  unet = c["unet"]
+  lines = _header(r)
+  lines.append(f"Config `{c['variant']}`: UNet blocks {unet['block_out_channels']}, "
+               f"{'VAE + ' if c['vae'] else 'pixel space, '}{c['dtype']}, batch {c['batch_size']} "
+               f"x {c['crop']}^2, plan tokens {c['plan_tokens']}, LoRA ranks {c['lora']['ranks']} "
+               f"({c['lora']['band_mode']}), train_base_unet={c['train_base_unet']}, "
+               f"generator optimiser {c['optim_g']}, LPIPS {'on' if c['lpips'] else 'off'}.")
+  lines.append("")
+  peak = r["peak_matmul"]
+  rows = []
+  lib = r["library_step"]
+  rows.append(["JAX library step (gen + disc, all losses)", lib["step_s"], lib["images_per_s"],
+               lib["flops_per_step"], lib["flop_per_s"], lib["flop_fraction"], lib["compile_s"]])
+  if "matched_step" in r:
+    m = r["matched_step"]
+    rows.append(["JAX matched step (gen, MSE + freq, AdamW)", m["step_s"], m["images_per_s"],
+                 m["flops_per_step"], m["flop_per_s"], m["flop_fraction"], m["compile_s"]])
+  t = r.get("torch")
+  if t:
+    b = c["batch_size"]
+    te = r["torch_eager_step_s"]
+    tf = t["flops_per_step_torch_counter"]
+    rows.append(["PyTorch eager reference (same work as matched)", te, b / te, tf, None, None,
+                 None])
+    if r.get("torch_compile_step_s"):
+      tc = r["torch_compile_step_s"]
+      rows.append(["PyTorch torch.compile reference", tc, b / tc, tf, None, None,
+                   t.get("compile_s")])
+  rows.append([f"matmul peak ({peak['n']}^3 {peak['dtype']})", r["timings"]["matmul_peak"]
+               ["median_s"], None, 2.0 * peak["n"] ** 3, peak["flop_per_s"], 1.0, None])
+  lines += _table(["step", "s/step", "images/s", "FLOPs/step", "FLOP/s", "of peak", "compile s"],
+                  rows)
+  lines.append("")
+  if r.get("speedup") is not None:
+    lines.append(f"Speedup torch eager / JAX matched: **{r['speedup']:.2f}x**"
+                 + (f"; torch.compile / JAX matched: {r['speedup_compile']:.2f}x"
+                    if r.get("speedup_compile") else "")
+                 + (f" (torch.compile: {t['compile_error']})" if t and t.get("compile_error")
+                    else "") + ".")
+  lines.append(f"FLOPs: XLA cost analysis of the compiled step (all ops); the torch column "
+               f"counts matmul/conv/attention only (FlopCounterMode). Peak memory: max RSS "
+               f"{_mib(r['peak_memory']['max_rss_bytes'])} MiB"
+               + (f", device {_mib(r['peak_memory']['device_bytes'])} MiB"
+                  if r["peak_memory"].get("device_bytes") else "")
+               + f"; XLA temporaries of the library step {_mib((lib.get('xla_memory') or {}).get('temp_size_in_bytes'))} MiB. "
+               f"Library step init {lib['init_s']:.0f} s.")
+  if "profile" in r:
+    lines.append("")
+    for name, prof in r["profile"].items():
+      if "by_kind" not in prof:
+        continue
+      kinds = ", ".join(f"{k['name']} {k['pct']:.0f} %" for k in prof["by_kind"][:6])
+      phases = ", ".join(f"{k['name']} {k['pct']:.0f} %" for k in prof["by_phase"])
+      lines.append(f"Op time of the {name.replace('_', ' ')} (median of {prof.get('runs', 1)} "
+                   f"traced steps, {prof['op_time_ms_total']:.0f} ms summed over threads): "
+                   f"{kinds}; by phase: {phases}.")
+  return lines
+
+
+def restore(r: dict) -> list[str]:
+  c = r["config"]
+  lines = _header(r)
+  lines.append(f"Executor of config `{c['variant']}` (UNet blocks {c['unet']['block_out_channels']}"
+               f", {'VAE, ' if c['vae'] else 'pixel space, '}{c['dtype']}), {r['weights']}. "
+               f"Tiling: {r['tiling']}.")
+  lines.append("")
+  rows = []
+  for e in r["executor"]:
+    xm = e.get("xla_memory") or {}
+    note = e.get("skipped") or e.get("error") or ""
+    rows.append([f"{e['size']}^2", e["mode"], e.get("tiles"),
+                 str(e.get("executor_call_shape", "")), e.get("latency_s"), e.get("compile_s"),
+                 _mib(e.get("max_rss_bytes")), _mib(xm.get("temp_size_in_bytes")),
+                 _mib(e.get("device_peak_bytes")), note])
+  lines += _table(["image", "mode", "tiles", "call shape", "latency s", "compile s",
+                   "max RSS MiB", "XLA temp MiB", "device peak MiB", "note"], rows)
+  p = r.get("planning") or {}
+  if "per_size" in p:
+    lines.append("")
+    per = ", ".join(f"{s}^2 {v['latency_s']:.3f} s" for s, v in p["per_size"].items())
+    lines.append(f"Planning per image (rule-planner hints + MiniLM plan encoding, host side): "
+                 f"{per}; loading planner and encoder {p['load_s']:.1f} s once.")
+  elif p.get("skipped"):
+    lines.append("")
+    lines.append(f"Planning: not timed ({p['skipped']}).")
+  return lines
+
+
+def pipeline(r: dict) -> list[str]:
+  c = r["config"]
+  lines = _header(r)
+  lines.append(f"Config `{c['variant']}`: {c['train_pairs']} training pairs in "
+               f"`{c['data_dir']}/{c['name']}`, batch {c['batch_size']} x {c['crop']}^2, "
+               f"{c['read_threads']} read threads, prefetch {c['prefetch']}, plans "
+               f"{'joined' if c['plans'] else 'off'}.")
+  lines.append("")
+  s = r["step"]
+  rows = [["Grain training pipeline", r["pipeline_batches_per_s"], r["pipeline_images_per_s"],
+           ""],
+          ["train step consumption (library step)", r["step_batches_per_s"],
+           r["step_batches_per_s"] * c["batch_size"], s["source"]],
+          ["**headroom** (pipeline / step)", r["headroom"], None, "goal >= 3"]]
+  if s.get("fed_step_s"):
+    rows.append(["train step fed by the live pipeline", 1.0 / s["fed_step_s"],
+                 c["batch_size"] / s["fed_step_s"],
+                 f"fixed-batch step {s['step_s']:.3f} s vs fed {s['fed_step_s']:.3f} s"])
+  lines += _table(["what", "batches/s", "images/s", "note"], rows)
+  lines.append("")
+  pr = r["pairs_reads"]
+  reads = f"Random reads: pairs store {pr['records_per_s']:,.0f} records/s"
+  if r.get("plan_reads"):
+    reads += f", plan store {r['plan_reads']['records_per_s']:,.0f} records/s"
+  lines.append(reads + f" (single thread, {pr['records_per_pass']} random records per pass, "
+               "median of passes).")
+  return lines
+
+
+def whatif(r: dict) -> list[str]:
+  lines = _header(r)
+  agree = r["step3_metrics_as_is_vs_changed"]
+  lines += _table(["change", "s/step as is", "s/step changed", "speedup", "FLOPs as is",
+                   "FLOPs changed", "step-3 loss / L_freq as is", "changed"],
+                  [[f"`{r['change']}`", r["step_s_as_is"], r["step_s_changed"], r["speedup"],
+                    r["flops_as_is"], r["flops_changed"],
+                    f"{agree['loss'][0]:.7g} / {agree['freq'][0]:.4g}",
+                    f"{agree['loss'][1]:.7g} / {agree['freq'][1]:.4g}"]])
+  return lines
+
+
+def kernels(r: dict) -> list[str]:
+  lines = _header(r)
+  rows = [[n, c["s"], c["flops"], c["flop_per_s"], c["of_peak"]] for n, c in r["cases"].items()]
+  lines += _table(["op (level, B x H x W x C, 3x3 conv C -> C)", "s", "FLOPs", "FLOP/s",
+                   "of peak"], rows)
+  return lines
+
+
+RENDERERS: dict[str, Callable[[dict], list[str]]] = {
+    "train_step": train_step, "restore": restore, "pipeline": pipeline, "whatif": whatif,
+    "kernels": kernels}
+
+
+# Runs of bench/train_step.py with one thing changed, compared in one table.
+VARIANTS = ("train_step", "train_step_heads2", "train_step_b32", "train_step_1core")
+
+
+def train_step_variants() -> list[str]:
+  rows = []
+  for name in VARIANTS:
+    path = measure.RESULTS / f"{name}.json"
+    if not path.exists():
+      continue
+    r = json.loads(path.read_text())
+    m, lib = r.get("matched_step", {}), r["library_step"]
+    flags = f"`{r['command'].split('train_step.py', 1)[-1].strip() or '(defaults)'}`"
+    usable = r["machine"].get("usable_cores")
+    if usable and usable < r["machine"]["cores"]:
+      flags += f" (pinned to {usable} core)"
+    rows.append([flags, r["machine"]["date"][11:16], m.get("step_s"),
+                 r.get("torch_eager_step_s"), r.get("speedup"), m.get("images_per_s"),
+                 m.get("flop_fraction"), lib["step_s"], lib["flop_fraction"],
+                 str(r["machine"]["load_average_start"][0])])
+  lines = _table(["train_step.py flags", "UTC", "JAX matched s", "torch eager s",
+                  "torch / JAX", "JAX matched img/s", "matched of peak", "JAX library s",
+                  "library of peak", "load"], rows)
+  return lines
+
+
+def render_block(name: str) -> str:
+  if name == "train_step_variants":
+    return "\n".join(train_step_variants()) + "\n"
+  path = measure.RESULTS / f"{name}.json"
+  if not path.exists():
+    return f"(no results yet: run the command above to write bench/results/{name}.json)\n"
+  r = json.loads(path.read_text())
+  return "\n".join(RENDERERS[r["benchmark"]](r)) + "\n"
+
+
+def render(text: str) -> str:
+  return _BLOCK.sub(lambda m: m.group(1) + render_block(m.group(2)) + m.group(4), text)
+
+
+def main() -> int:
+  text = DOC.read_text()
+  new = render(text)
+  if "--check" in sys.argv[1:]:
+    if new != text:
+      print("BENCHMARKS.md is out of date: run .venv/bin/python bench/report.py", file=sys.stderr)
+      return 1
+    return 0
+  DOC.write_text(new)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
