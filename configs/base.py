@@ -166,6 +166,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # >0: stop the training loop (checkpoint + validation) after this many minutes; a safety net
   # for the 10-minute embedded default on slow machines. The same command resumes.
   c.max_wall_minutes = 7.0
+  c.stop_after = 0                  # >0: this invocation stops after that many steps (resumable)
 
   # --- topology: mesh axes (one may be -1 = fill) and logical -> mesh axis rules ---
   c.mesh = ml_collections.ConfigDict(dict(axes=("data", "fsdp"), shape=(-1, 1)))

@@ -250,6 +250,10 @@ def train_step(state, batch, lpips_state, *, models: Models, config, g_tx, d_tx,
       "disc": disc_state,
   }
   metrics = {**g_metrics, **d_metrics, "g_grad_norm": optax.tree.norm(g_grads)}
+  if "index" in batch:
+    # Fingerprint of the data order (sum of the global batch's stream positions): a resumed or
+    # differently-sharded run must reproduce it exactly.
+    metrics["data_index_sum"] = jnp.sum(batch["index"]).astype(jnp.float32)
   return new_state, metrics
 
 
@@ -361,7 +365,7 @@ def _to_global(batch: dict, batch_sharding) -> dict:
           for k, v in batch.items() if k in _DEVICE_KEYS}
 
 
-_DEVICE_KEYS = ("degraded", "clean", "plan_tokens", "plan_mask", "task_id")
+_DEVICE_KEYS = ("degraded", "clean", "plan_tokens", "plan_mask", "task_id", "index")
 
 
 def _host_scalars(metrics: list[dict]) -> dict:
@@ -417,14 +421,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   preempt = ckpt_lib.PreemptionFlag()
   progress = _progress(start, config.total_steps)
-  window, t_window, table, index_sum = [], time.perf_counter(), {}, 0
+  window, t_window, table = [], time.perf_counter(), {}
   deadline = time.monotonic() + 60 * config.max_wall_minutes if config.max_wall_minutes else None
   step, last_eval = start, None
   try:
     while step < config.total_steps:
-      host_batch = next(train_iter)
-      index_sum += int(host_batch["index"].sum())
-      batch = _to_global(host_batch, batch_sharding)
+      batch = _to_global(next(train_iter), batch_sharding)
       state, metrics = step_fn(state, batch)
       step += 1
       window.append(metrics)
@@ -437,11 +439,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if on_log:
           dt = time.perf_counter() - t_window
           scalars["images_per_s"] = len(window) * config.data.batch_size / max(dt, 1e-9)
-          # Fingerprint of the data order (sum of stream positions seen since the last log):
-          # a resumed run must reproduce it exactly.
-          scalars["data_index_sum"] = index_sum
-          index_sum = 0
           log.scalars(step, scalars)
+          # Every process logs its own view of the (replicated) metrics: they must agree.
+          logging.info("process %d step %d metrics %s", jax.process_index(), step,
+                       json.dumps({k: scalars[k] for k in ("loss", "mse", "d_loss")}))
           progress.set_postfix(loss=f"{scalars['loss']:.4f}",
                                img_s=f"{scalars['images_per_s']:.1f}")
           window, t_window = [], time.perf_counter()
@@ -451,7 +452,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % config.eval_every == 0 or step == config.total_steps:
         table = validate(state, eval_fn, data, config, batch_sharding, step, workdir, log)
         last_eval, t_window = step, time.perf_counter()
-      out_of_time = deadline is not None and time.monotonic() > deadline
+      out_of_time = (deadline is not None and time.monotonic() > deadline) or (
+          config.get("stop_after", 0) and step - start >= config.stop_after)
       if preempt.is_set() or out_of_time:
         if last_saved != step:
           scalars = _host_scalars(window) if window else {}
@@ -459,8 +461,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           ckpt.save(step, _checkpoint_view(state, config), train_iter, force=True)
           last_saved = step
         if out_of_time and not preempt.is_set():
-          _say(f"Stopping at step {step}: max_wall_minutes={config.max_wall_minutes} reached "
-               "(checkpoint saved; the same command resumes).")
+          _say(f"Stopping at step {step}: this invocation's budget is spent (max_wall_minutes="
+               f"{config.max_wall_minutes}, stop_after={config.get('stop_after', 0)}); checkpoint "
+               "saved, the same command resumes.")
           if last_eval != step:
             table = validate(state, eval_fn, data, config, batch_sharding, step, workdir, log)
           break
