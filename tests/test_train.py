@@ -27,7 +27,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(data_dir, **overrides):
   c = base.get_config("tiny")
   c.data.data_dir = str(data_dir)
-  c.mesh.shape = (1, 1)   # one device, like a laptop run
+  c.data.batch_size = 8    # one example per fake device (conftest sets 8)
+  c.data.eval_batch_size = 8
   c.log_every = 1
   c.ckpt_every = 3
   for k, v in overrides.items():
@@ -120,7 +121,7 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_143(data_dir, tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              PYTHONPATH=REPO)
   cmd = [sys.executable, "-m", "fape_jax.train", "--config=configs/base.py:tiny",
-         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--config.mesh.shape=1,1",
+         f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
          "--config.total_steps=100000", "--config.ckpt_every=100000", "--config.log_every=1",
          "--config.eval_every=100000"]
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
