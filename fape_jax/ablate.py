@@ -10,14 +10,13 @@ retrained); --config.* overrides apply to all of them. Prints the table and writ
 WORKDIR/ablation.json and WORKDIR/ablation.html.
 """
 
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from fape_jax import distributed
+from fape_jax import errors
 from fape_jax.errors import FapeError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (the full "
@@ -33,16 +32,12 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  try:
+  with errors.exit_on_user_error():
     distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
     from fape_jax import ablate_lib  # pylint: disable=g-import-not-at-top (after distributed init)
     if not _WORKDIR.value:
       raise FapeError("--workdir is required (the ablation directory).")
     ablate_lib.run_ablation(_CONFIG.value, _WORKDIR.value, _VARIANTS.value)
-  except FapeError as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -63,13 +63,7 @@ def variant_config(config: ml_collections.ConfigDict, name: str) -> ml_collectio
   """The config of one variant: a copy of `config` with the variant's overrides."""
   _, overrides = VARIANTS[name]
   cfg = config.copy_and_resolve_references()
-  with cfg.unlocked():
-    for dotted, value in overrides.items():
-      node = cfg
-      *parents, leaf = dotted.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
+  cfg.update_from_flattened_dict(overrides)
   return cfg
 
 

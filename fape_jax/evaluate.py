@@ -9,12 +9,11 @@ CDD-11-style mixes and any benchmark folders given with --data=NAME:FOLDER; prin
 writes OUT/metrics.json and OUT/report.html (self-contained: opens from disk, no network).
 """
 
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
+from fape_jax import errors
 from fape_jax.errors import FapeError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (config.json, "
@@ -39,7 +38,7 @@ _LPIPS_LIN = flags.DEFINE_string("lpips_lin", None, "lpips' vgg.pth linear weigh
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  try:
+  with errors.exit_on_user_error():
     from fape_jax import evaluate_lib  # pylint: disable=g-import-not-at-top
     if not _WORKDIR.value or not _OUT.value:
       raise FapeError("--workdir (the training run) and --out (the report folder) are required.")
@@ -49,10 +48,6 @@ def main(argv):
         mixes=_MIXES.value, baselines=_BASELINES.value, num_samples=_SAMPLES.value,
         data_dir=_DATA_DIR.value, lpips_vgg16_path=_LPIPS_VGG.value,
         lpips_lin_path=_LPIPS_LIN.value)
-  except FapeError as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

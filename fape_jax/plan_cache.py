@@ -10,14 +10,12 @@ initialised. Re-running with the same settings resumes (ids already in the store
 """
 
 import json
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
-from fape_jax.errors import FapeError
+from fape_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/plan_cache.py",
                                           "Plan-cache config file.", lock_config=True)
@@ -30,13 +28,9 @@ _SUMMARY_JSON = flags.DEFINE_string("summary_json", None, "Also write the summar
 
 def main(argv):
   del argv
-  try:
+  with errors.exit_on_user_error():
     from fape_jax.planning import job  # pylint: disable=g-import-not-at-top (after flag parsing)
     summary = job.run(_CONFIG.value, shard_index=_SHARD_INDEX.value, num_shards=_NUM_SHARDS.value)
-  except FapeError as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   print(job.format_summary(summary))
   if _SUMMARY_JSON.value:
     with open(_SUMMARY_JSON.value, "w") as f:

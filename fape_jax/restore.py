@@ -14,8 +14,8 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
+from fape_jax import errors
 from fape_jax.errors import FapeError
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training run directory (config.json, "
@@ -38,7 +38,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output file
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  try:
+  with errors.exit_on_user_error():
     from fape_jax import restore_lib  # pylint: disable=g-import-not-at-top
     if not _WORKDIR.value:
       raise FapeError("--workdir is required (the training run directory).")
@@ -46,10 +46,6 @@ def main(argv):
         _WORKDIR.value, _INPUT.value, _OUTPUT.value, step=_CHECKPOINT.value,
         planner=_PLANNER.value, plan=_PLAN.value, tile=_TILE.value, overlap=_OVERLAP.value,
         batch=_BATCH.value, overwrite=_OVERWRITE.value)
-  except FapeError as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
   sys.exit(report.exit_code)
 
 

@@ -9,14 +9,13 @@ Kubernetes-style variables) or from --coordinator_address/--num_processes/--proc
 Restarting with the same --workdir resumes from its newest checkpoint.
 """
 
-import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 from ml_collections import config_flags
 
 from fape_jax import distributed
+from fape_jax import errors
 from fape_jax.errors import FapeError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
@@ -32,7 +31,7 @@ _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 def main(argv):
   del argv
-  try:
+  with errors.exit_on_user_error():
     distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
     from fape_jax import train_lib  # pylint: disable=g-import-not-at-top (after distributed init)
     if _DRY_RUN.value:
@@ -41,10 +40,6 @@ def main(argv):
     if not _WORKDIR.value:
       raise FapeError("--workdir is required (the run directory for checkpoints and logs).")
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except FapeError as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -38,12 +38,7 @@ def _config(data_dir, store, splits, **overrides):
   c.pairs.splits = splits
   c.store.path = str(store)
   c.progress = False
-  for k, v in overrides.items():
-    target, key = c, k
-    if "." in k:
-      head, key = k.split(".")
-      target = c[head]
-    target[key] = v
+  c.update_from_flattened_dict(overrides)
   return c
 
 

@@ -31,12 +31,7 @@ def tiny_config(data_dir, **overrides):
   c.data.eval_batch_size = 8
   c.log_every = 1
   c.ckpt_every = 3
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  c.update_from_flattened_dict(overrides)
   return c
 
 
