@@ -300,6 +300,24 @@ def load_restorer(workdir: str | os.PathLike, *, step: int | None = None,
                   planner_kind=planner or config.plans.planner.kind, workdir=workdir)
 
 
+def export_adapters(workdir: str | os.PathLike, path: str | os.PathLike, *,
+                    step: int | None = None, devices: Sequence[Any] | None = None) -> int:
+  """Writes the run's adapters, routers and projector (`adapters_io` format: `path`, a
+  .safetensors, and its JSON) from its checkpoint (newest unless `step`); returns the step.
+
+  The checkpoint is restored onto the current devices like `load_restorer` does, so a run trained
+  sharded over 8 devices exports on 1 CPU. The file loads with `adapters_io.load_adapters` or as
+  `--config.init_from`.
+  """
+  from fape_jax.models import adapters_io  # pylint: disable=g-import-not-at-top
+  workdir = epath.Path(workdir)
+  config = load_run_config(workdir)
+  got, params, frozen, models = _restore_state(config, inference_mesh(config, devices), workdir,
+                                               step)
+  adapters_io.save_adapters(nnx.merge(models.gen_def, params, frozen), path)
+  return got
+
+
 # ----------------------------------------------------------------------------------------------
 # Image files: native bit depth, grayscale and alpha kept
 # ----------------------------------------------------------------------------------------------

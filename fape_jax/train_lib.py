@@ -118,11 +118,35 @@ def make_optimizer(cfg, clip_norm: float, total_steps: int) -> optax.GradientTra
 # State creation (shapes first, then sharded creation)
 # ----------------------------------------------------------------------------------------------
 
-def _init_state(config, models_out: list | None = None):
-  """Builds models and optimiser states from the seed; pure, so it can run under jit/eval_shape."""
+class _TracedInitRngStream(nnx.RngStream):
+  """`nnx.RngStream` whose counter update stays cheap inside a trace; the same keys.
+
+  flax 0.12's `RngStream.__call__` bumps its counter with `count[...] += 1`; an indexed write
+  compares the new value's `.sharding` with the old one, and on a jit/eval_shape tracer that
+  attribute raises an error whose message scans every equation traced so far. One key per
+  parameter makes building a model under a trace quadratic: 70+ s for the SD-2.1-scale executor's
+  abstract state. Replacing the whole value (no index) skips that comparison.
+  """
+
+  def __call__(self) -> jax.Array:
+    self.count._check_can_update()  # pylint: disable=protected-access (as flax's own __call__)
+    key = jax.random.fold_in(self.key.get_value(), self.count.get_value())
+    self.count.set_value(self.count.get_value() + 1)
+    return key
+
+
+def _init_rngs(config) -> nnx.Rngs:
   # The init RNG implementation matters on CPU: "rbg" compiles the init program several times
   # faster than threefry (tens of seconds saved per run); numbers differ, quality does not.
-  rngs = nnx.Rngs(jax.random.key(config.seed, impl=config.get("prng_impl", "threefry2x32")))
+  key = jax.random.key(config.seed, impl=config.get("prng_impl", "threefry2x32"))
+  rngs = nnx.Rngs(key)
+  rngs.default = _TracedInitRngStream(key, tag="default")
+  return rngs
+
+
+def _init_state(config, models_out: list | None = None):
+  """Builds models and optimiser states from the seed; pure, so it can run under jit/eval_shape."""
+  rngs = _init_rngs(config)
   gen = build_generator(config, rngs)
   disc = build_discriminator(config, rngs)
   gen_filter = gen_trainable_filter(config)
@@ -610,40 +634,121 @@ def _per_device_bytes(abstract_tree, shardings_tree, mesh) -> int:
   return total
 
 
-def _residual_bytes(config, abstract, per_device_batch: int, remat: bool) -> int:
-  """Bytes the backward pass keeps alive for one device's micro-batch.
+def _with_remat(models: Models, abstract, remat: bool) -> Models:
+  """`models` with the UNet's and VAE's static `remat` switch set, from the same abstract state.
 
-  jax.vjp's returned function is a pytree whose leaves are exactly the saved residuals, so
-  eval_shape of it measures them without compiling or allocating. Residuals also hold weights the
-  backward needs; those do not grow with the batch, so activations = (residuals at batch 2 -
-  residuals at batch 1) * batch.
+  `remat` is a static attribute of the graph, not an array: toggling it on a merged abstract
+  module and splitting again gives the other graph without building (tracing) the model again.
   """
-  cfg = config.copy_and_resolve_references()
-  with cfg.unlocked():
-    cfg.model.remat = remat
-  _, models = abstract_state(cfg)
-  size = cfg.data.crop
+  gen = nnx.merge(models.gen_def, abstract["gen"]["params"], abstract["gen"]["frozen"])
+  for part in (gen.unet, gen.vae):
+    if part is not None:
+      part.remat = remat
+  gen_def, _, _ = nnx.split(gen, models.gen_trainable, ...)
+  return dataclasses.replace(models, gen_def=gen_def)
 
-  def measure(b: int) -> int:
-    batch = {"degraded": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)}
-    if cfg.plans.enabled:
-      batch["plan_tokens"] = jax.ShapeDtypeStruct((b, cfg.plans.encoder.max_tokens, cfg.plans.dim),
-                                                  jnp.float32)
-      batch["plan_mask"] = jax.ShapeDtypeStruct((b, cfg.plans.encoder.max_tokens), jnp.bool_)
 
-    def residuals(gparams, gfrozen, batch):
-      fn = lambda p: _generator_forward(models, p, gfrozen, batch)[0]
-      return jax.vjp(fn, gparams)[1]
+def _batch_spec(config, b) -> dict:
+  size = config.data.crop
+  batch = {"degraded": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32),
+           "clean": jax.ShapeDtypeStruct((b, size, size, 3), jnp.float32)}
+  if config.plans.enabled:
+    k = config.plans.encoder.max_tokens
+    batch["plan_tokens"] = jax.ShapeDtypeStruct((b, k, config.plans.dim), jnp.float32)
+    batch["plan_mask"] = jax.ShapeDtypeStruct((b, k), jnp.bool_)
+  return batch
 
-    res = jax.eval_shape(residuals, abstract["gen"]["params"], abstract["gen"]["frozen"], batch)
-    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-               for x in jax.tree.leaves(res) if hasattr(x, "shape"))
 
-  return max(0, measure(2) - measure(1)) * per_device_batch
+def _bytes_per_example(residuals_at) -> int:
+  """Bytes of the residuals that grow with the batch, per example.
+
+  `residuals_at(b)` is eval_shape of a `jax.vjp` closure for batch size `b`: that closure is a
+  pytree whose leaves are exactly the values the backward pass keeps, so nothing is compiled or
+  allocated. It is traced once with a symbolic batch size b: each residual's size is then a
+  polynomial in b, and the coefficient of b is what one example adds. The leaves whose size does
+  not depend on b are batch-independent (the weights the backward reads, and with bf16 compute
+  their bf16 casts): the weights are the parameter rows of the table, their casts are not counted
+  (see `dry_run`). Should the model not trace with a symbolic batch, it is traced at b = 1 and
+  b = 2 and the difference taken (twice the tracing time, same number).
+  """
+  size = lambda x: math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+  arrays = lambda tree: [x for x in jax.tree.leaves(tree) if hasattr(x, "shape")]
+  try:
+    b, = jax.export.symbolic_shape("b")
+    total = 0
+    for x in arrays(residuals_at(b)):
+      n = size(x)
+      if isinstance(n, int):
+        continue  # batch-independent
+      per = n // b
+      if not isinstance(per, int) or n != per * b:
+        raise ValueError(f"a residual of shape {x.shape} is not proportional to the batch")
+      total += per
+    return total
+  except Exception as e:  # noqa: BLE001 (any symbolic-shape failure: measure concretely)
+    logging.info("dry run: symbolic-batch trace failed (%s: %s); tracing at batch 1 and 2.",
+                 type(e).__name__, str(e)[:200])
+  one, two = (sum(size(x) for x in arrays(residuals_at(b))) for b in (1, 2))
+  return max(0, two - one)
+
+
+def _residual_bytes(config, abstract, models: Models, per_device_batch: int, remat: bool) -> int:
+  """Bytes the generator update's backward pass keeps alive for one device's micro-batch.
+
+  What is counted: the residuals of the generator loss as the train step differentiates it
+  (executor forward, MSE, the discriminator's forward on the restored images for the adversarial
+  term, the frequency regulariser) that grow with the batch, i.e. the saved activations, times
+  the per-device batch. LPIPS is not (its VGG16 needs weights; see `dry_run`).
+  """
+  models = _with_remat(models, abstract, remat)
+  lw = config.loss
+
+  def residuals(gparams, gfrozen, dparams, drest, batch):
+    def loss(p):
+      restored, aux = _generator_forward(models, p, gfrozen, batch)
+      mse = jnp.mean(jnp.square(restored.astype(jnp.float32) - batch["clean"]))
+      fake_logits, _ = _disc_logits(models, dparams, drest, restored, update_stats=False)
+      adv = disc_lib.generator_adversarial_loss(fake_logits, config.disc.real_target)
+      return lw.w_mse * mse + lw.w_adv * adv + lw.w_freq * losses.frequency_loss(
+          aux["freq_terms"])
+    return jax.vjp(loss, gparams)[1]
+
+  g, d = abstract["gen"], abstract["disc"]
+  per_example = _bytes_per_example(lambda b: jax.eval_shape(
+      residuals, g["params"], g["frozen"], d["params"], d["rest"], _batch_spec(config, b)))
+  return per_example * per_device_batch
+
+
+def _disc_residual_bytes(config, abstract, models: Models, per_device_batch: int) -> int:
+  """The same for the discriminator update: D on the real and restored images (2 per example)."""
+  size = config.data.crop
+
+  def residuals(dparams, drest, images):
+    def loss(p):
+      logits, _ = _disc_logits(models, p, drest, images, update_stats=True)
+      real, fake = jnp.split(logits, 2)
+      return disc_lib.discriminator_loss(real, fake, config.disc.real_target)
+    return jax.vjp(loss, dparams)[1]
+
+  d = abstract["disc"]
+  per_example = _bytes_per_example(lambda b: jax.eval_shape(
+      residuals, d["params"], d["rest"],
+      jax.ShapeDtypeStruct((2 * b, size, size, 3), jnp.float32)))
+  return per_example * per_device_batch
 
 
 def dry_run(config) -> str:
-  """Memory/sharding table for the config's mesh; builds everything abstractly."""
+  """Memory/sharding table for the config's mesh; builds everything abstractly.
+
+  Per device: parameters and optimiser states by their shardings on the config's mesh, and the
+  activations the backward passes keep (`_residual_bytes`, remat off and on, and the
+  discriminator update's). The estimated peak is their sum (the larger of the two updates'
+  activations: they run one after the other). Not counted: XLA's temporaries and fusion buffers,
+  gradients (the size of the trainable parameters), all-gathered weight shards in flight, the
+  casts of the weights to the compute dtype kept for the backward (bf16: up to half the frozen
+  weights' bytes, sharded or not as XLA schedules them), and LPIPS when configured.
+  The model is built (traced) once: the remat variants share its abstract state.
+  """
   mesh = _abstract_mesh(config)
   abstract, models = abstract_state(config)
   sh = state_shardings(abstract, mesh, config)
@@ -668,7 +773,8 @@ def dry_run(config) -> str:
        _per_device_bytes(abstract["disc"]["opt"], sh["disc"]["opt"], mesh)),
   ]
   static = sum(r[2] for r in rows)
-  act = {r: _residual_bytes(config, abstract, per_dev_batch, r) for r in (False, True)}
+  act = {r: _residual_bytes(config, abstract, models, per_dev_batch, r) for r in (False, True)}
+  d_act = _disc_residual_bytes(config, abstract, models, per_dev_batch)
   gib = lambda b: b / 2**30
   lines = [f"dry run: config {config.get('variant', '?')}, mesh "
            f"{dict(zip(mesh.axis_names, mesh.axis_sizes))} ({math.prod(mesh.axis_sizes)} devices), "
@@ -677,11 +783,15 @@ def dry_run(config) -> str:
            f"{'item':<34} {'elements':>15} {'GiB/device':>11}"]
   lines += [f"{name:<34} {n:>15,} {gib(b):>11.3f}" for name, n, b in rows]
   lines.append(f"{'params + optimiser (total)':<34} {'':>15} {gib(static):>11.3f}")
+  lines.append(f"{'activations, discriminator update':<34} {'':>15} {gib(d_act):>11.3f}")
   for r in (False, True):
     lines.append(f"{'activations, remat ' + ('on' if r else 'off'):<34} {'':>15} "
                  f"{gib(act[r]):>11.3f}")
     lines.append(f"{'  => estimated peak, remat ' + ('on' if r else 'off'):<34} {'':>15} "
-                 f"{gib(static + act[r]):>11.3f}")
+                 f"{gib(static + max(act[r], d_act)):>11.3f}")
+  lines.append("activations: what the backward passes keep for the per-device batch; not counted: "
+               "XLA temporaries, gradients, gathered weight shards, weight casts to the compute "
+               "dtype" + (", LPIPS" if config.lpips.vgg16_path else "") + ".")
   return "\n".join(lines)
 
 
