@@ -110,13 +110,21 @@ class PreemptionFlag:
     self._event.set()
 
   def is_set(self) -> bool:
-    local = self._event.is_set()
+    return self.poll()[0]
+
+  def poll(self, out_of_time: bool = False) -> tuple[bool, bool]:
+    """(a signal arrived, `out_of_time`), each true when true on any process (one collective).
+
+    Every process must call it at the same point: it is an all-gather in multi-process runs.
+    """
+    local = [self._event.is_set(), bool(out_of_time)]
     if jax.process_count() == 1:
-      return local
+      return local[0], local[1]
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     import numpy as np  # pylint: disable=g-import-not-at-top
-    flags = multihost_utils.process_allgather(np.asarray([local], dtype=np.int32))
-    return bool(np.asarray(flags).any())
+    flags = np.asarray(multihost_utils.process_allgather(np.asarray(local, dtype=np.int32)))
+    either = flags.reshape(-1, 2).any(axis=0)
+    return bool(either[0]), bool(either[1])
 
   def restore_handlers(self):
     for sig, handler in self._previous.items():

@@ -478,7 +478,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_eval, t_window = step, time.perf_counter()
       out_of_time = (deadline is not None and time.monotonic() > deadline) or (
           config.get("stop_after", 0) and step - start >= config.stop_after)
-      if preempt.is_set() or out_of_time:
+      # Agreed across processes (each reads its own clock): one stopping alone would save and
+      # exit while the others wait in their next collective.
+      preempted, out_of_time = preempt.poll(bool(out_of_time))
+      if preempted or out_of_time:
         if last_saved != step:
           scalars = _host_scalars(window) if window else {}
           _check_finite(step, scalars, last_saved)
@@ -558,9 +561,15 @@ def validate(state, eval_fn, data, config, batch_sharding, step: int, workdir: e
         shots.append((degraded, out8, clean))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    sums = np.asarray(multihost_utils.process_allgather(sums)).sum(0)
-  table = {tasks_lib.TASKS[t]: {"degraded_psnr": sums[0, t] / sums[2, t],
-                                "restored_psnr": sums[1, t] / sums[2, t], "n": int(sums[2, t])}
+    # Gathered as raw bytes: a float64 array would arrive as float32 (jax_enable_x64 is off), and
+    # its numpy float32 values would then fail json.dumps on process 0 alone, leaving the other
+    # processes waiting in their next collective.
+    raw = np.asarray(multihost_utils.process_allgather(np.frombuffer(sums.tobytes(), np.uint8)))
+    sums = np.stack([np.frombuffer(r.tobytes(), np.float64).reshape(sums.shape) for r in raw]
+                    ).sum(0)
+  table = {tasks_lib.TASKS[t]: {"degraded_psnr": float(sums[0, t] / sums[2, t]),
+                                "restored_psnr": float(sums[1, t] / sums[2, t]),
+                                "n": int(sums[2, t])}
            for t in range(ntask) if sums[2, t]}
   if jax.process_index() == 0 and table:
     flat = {f"psnr/{t}": r["restored_psnr"] for t, r in table.items()}
