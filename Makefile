@@ -5,6 +5,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/base
 PYTEST_ARGS ?=
+# Two pytest workers: most test time is XLA compilation, which runs on one core.
+TEST_WORKERS ?= 2
 
 .PHONY: setup train test clean-venv
 
@@ -22,7 +24,7 @@ train: setup
 
 # pytest exit code 5 means "no tests collected": that is a failure here, not a pass.
 test: setup
-	$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 clean-venv:
