@@ -159,16 +159,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.d_warmup_steps = 100      # the adversarial term joins the generator loss after this
   c.optim.d_every = 2               # discriminator update ratio: once every N steps
 
-  c.total_steps = 1200
+  c.total_steps = 1100
   c.log_every = 25
-  c.eval_every = 1200
+  c.eval_every = 1100
   c.num_eval_images = 0             # 0 = the whole validation split
   c.ckpt_every = 200
   c.keep_checkpoints = 3
   c.num_sample_images = 2           # per task, in the sample grids
   # >0: stop the training loop (checkpoint + validation) after this many minutes; a safety net
   # for the 10-minute embedded default on slow machines. The same command resumes.
-  c.max_wall_minutes = 7.0
+  c.max_wall_minutes = 8.0
   c.stop_after = 0                  # >0: this invocation stops after that many steps (resumable)
 
   # --- topology: mesh axes (one may be -1 = fill) and logical -> mesh axis rules ---
