@@ -111,7 +111,7 @@ def _restore_state(config, mesh, workdir: epath.Path, step: int | None):
   shardings = train_lib.state_shardings(abstract, mesh, config)
   # The checkpointed tree is the train state's checkpoint view: without the frozen base when it
   # comes from `init_from` (then it is loaded from there again, as training does).
-  view = train_lib._checkpoint_view  # pylint: disable=protected-access (one definition of it)
+  view = train_lib.checkpoint_view
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         view(abstract, config), view(shardings, config))
   ckpt_dir = workdir / "checkpoints"

@@ -64,10 +64,6 @@ class Models:
   disc_trainable: Any  # nnx filter
 
 
-def _dtype(name: str):
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-
-
 def gen_trainable_filter(config):
   """Adapters, routers and projector always train; the base UNet only when trained from scratch."""
   if config.train_base_unet:
@@ -358,7 +354,7 @@ def _as_abstract(tree, shardings):
                       tree, shardings)
 
 
-def _checkpoint_view(state, config):
+def checkpoint_view(state, config):
   """What goes into a checkpoint: frozen base weights loaded from `init_from` are not re-saved."""
   if config.init_from and not config.train_base_unet:
     return {k: v for k, v in state.items() if k != "gen"} | {
@@ -440,8 +436,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = data.train_iterator()
   ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every=config.ckpt_every,
                                keep=config.keep_checkpoints)
-  view = _checkpoint_view(state, config)
-  abstract = _as_abstract(view, _checkpoint_view(shardings, config))
+  view = checkpoint_view(state, config)
+  abstract = _as_abstract(view, checkpoint_view(shardings, config))
   start, restored = ckpt.restore(abstract, train_iter)
   if restored is not None:
     state = _merge_restored(state, restored)
@@ -477,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                img_s=f"{scalars['images_per_s']:.1f}")
           window, t_window = [], time.perf_counter()
       if on_save:
-        ckpt.save(step, _checkpoint_view(state, config), train_iter, force=True)
+        ckpt.save(step, checkpoint_view(state, config), train_iter, force=True)
         last_saved = step
       if step % config.eval_every == 0 or step == config.total_steps:
         table = validate(state, eval_fn, data, config, batch_sharding, step, workdir, log)
@@ -491,7 +487,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if last_saved != step:
           scalars = _host_scalars(window) if window else {}
           _check_finite(step, scalars, last_saved)
-          ckpt.save(step, _checkpoint_view(state, config), train_iter, force=True)
+          ckpt.save(step, checkpoint_view(state, config), train_iter, force=True)
           last_saved = step
         if out_of_time and not preempt.is_set():
           _say(f"Stopping at step {step}: this invocation's budget is spent (max_wall_minutes="
@@ -981,14 +977,21 @@ def init_from_pretrained(state, shardings, config):
 def _init_adapters_from(state, shardings, path: epath.Path):
   from fape_jax.models import adapters_io  # pylint: disable=g-import-not-at-top
   loaded = adapters_io.read_adapters(str(path))
-  flat = []
+  flat, wrong = [], []
   sh = dict(nnx.to_flat_state(shardings["gen"]["params"]))
   for p, var in nnx.to_flat_state(state["gen"]["params"]):
-    name = ".".join(str(x) for x in p)
+    name = shard_lib.path_str(p)
     if isinstance(var, lora_moe.AdapterParam) and name in loaded:
-      flat.append((p, var.replace(jax.device_put(loaded.pop(name), sh[p].get_value()))))
+      value = loaded.pop(name)
+      if tuple(value.shape) != tuple(var.get_value().shape):
+        wrong.append(f"{name} {tuple(value.shape)} vs {tuple(var.get_value().shape)}")
+        continue
+      flat.append((p, var.replace(jax.device_put(value, sh[p].get_value()))))
     else:
       flat.append((p, var))
+  if wrong:
+    raise FapeError(f"init_from {path}: {len(wrong)} adapter tensor(s) have another shape (file "
+                    f"vs model), e.g. {wrong[:3]}; export and train with the same config.")
   if loaded:
     raise FapeError(f"init_from {path}: {len(loaded)} adapter tensor(s) match no adapter of this "
                     f"model, e.g. {sorted(loaded)[:5]}; was it exported from the same config?")

@@ -67,7 +67,7 @@ def restore_on(workdir: str, mesh):
   abstract, models = train_lib.abstract_state(config)
   shardings = train_lib.state_shardings(abstract, mesh, config)
   # As training and restore_lib build it: the checkpoint view's tree with the mesh's shardings.
-  view = train_lib._checkpoint_view  # pylint: disable=protected-access
+  view = train_lib.checkpoint_view
   as_abstract = train_lib._as_abstract  # pylint: disable=protected-access
   target = as_abstract(view(abstract, config), view(shardings, config))
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=10,

@@ -74,3 +74,32 @@ def test_one_step_runs_without_recompiling_and_keeps_the_base_frozen(setup):
   # The state keeps its shardings through the donated step.
   assert state["gen"]["frozen"]["unet"]["conv_in"]["kernel"].get_value().sharding.spec == \
       P(None, None, None, "fsdp")
+
+
+def test_init_from_exported_adapters_loads_them_and_rejects_other_shapes(tmp_path):
+  from fape_jax.errors import FapeError
+  from fape_jax.models import adapters_io
+  from safetensors import numpy as st_np
+  c = base.get_config("tiny")
+  c.train_base_unet = False
+  mesh = shard_lib.make_mesh(("data", "fsdp"), (2, 4))
+  state, shardings, models = train_lib.create_state(c, mesh)
+  gen = nnx.merge(models.gen_def, state["gen"]["params"], state["gen"]["frozen"])
+  path = tmp_path / "adapters.safetensors"
+  adapters_io.save_adapters(gen, path)
+  saved = adapters_io.read_adapters(path)
+  shifted = {k: np.asarray(v + 1.0, v.dtype) for k, v in saved.items()}
+  st_np.save_file(shifted, str(path))
+  c.init_from = str(path)
+  loaded = train_lib.init_from_pretrained(state, shardings, c)
+  got = {shard_lib.path_str(p): np.asarray(v.get_value())
+         for p, v in nnx.to_flat_state(loaded["gen"]["params"])}
+  assert got.keys() >= shifted.keys()
+  for k, v in shifted.items():
+    np.testing.assert_array_equal(got[k], v)
+  # A tensor of another shape is named in a FapeError, not left to fail inside jit.
+  name = sorted(shifted)[0]
+  shifted[name] = np.zeros(shifted[name].shape + (2,), np.float32)
+  st_np.save_file(shifted, str(path))
+  with pytest.raises(FapeError, match="another shape"):
+    train_lib.init_from_pretrained(state, shardings, c)
