@@ -580,7 +580,9 @@ def validate(state, eval_fn, data, config, batch_sharding, step: int, workdir: e
     log.scalars(step, flat, split="val")
     (workdir / "validation.json").write_text(json.dumps({"step": step, "tasks": table}, indent=2))
     _write_sample_grid(workdir / "samples" / f"step_{step:07d}.png", samples, log, step)
-    _say(f"\nValidation at step {step} (PSNR on Y, dB)\n{format_psnr_table(table)}")
+    # The table on stdout; one line in the log (absl echoes INFO to stderr: no second table).
+    logging.info("Validation at step %d: %s", step, json.dumps(flat))
+    print(f"\nValidation at step {step} (PSNR on Y, dB)\n{format_psnr_table(table)}", flush=True)
   return table
 
 
