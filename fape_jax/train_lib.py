@@ -218,6 +218,17 @@ def _disc_logits(models: Models, dparams, drest, images, update_stats: bool):
   return logits, nnx.state(disc, nnx.Not(models.disc_trainable))
 
 
+def _generator_terms(models: Models, gparams, gfrozen, disc, batch, config):
+  """(restored, {mse, adv, freq}): the generator loss terms that need no extra weights (LPIPS
+  does); the train step and the dry run's memory estimate differentiate the same ones."""
+  restored, aux = _generator_forward(models, gparams, gfrozen, batch)
+  mse = jnp.mean(jnp.square(restored.astype(jnp.float32) - batch["clean"]))
+  fake_logits, _ = _disc_logits(models, disc["params"], disc["rest"], restored,
+                                update_stats=False)
+  adv = disc_lib.generator_adversarial_loss(fake_logits, config.disc.real_target)
+  return restored, {"mse": mse, "adv": adv, "freq": losses.frequency_loss(aux["freq_terms"])}
+
+
 def train_step(state, batch, lpips_state, *, models: Models, config, g_tx, d_tx, lpips_def):
   """One generator update and (every `d_every` steps) one discriminator update.
 
@@ -229,15 +240,11 @@ def train_step(state, batch, lpips_state, *, models: Models, config, g_tx, d_tx,
   adv_on = (step >= config.optim.d_warmup_steps).astype(jnp.float32)
 
   def g_loss_fn(gparams):
-    restored, aux = _generator_forward(models, gparams, state["gen"]["frozen"], batch)
-    clean = batch["clean"]
-    mse = jnp.mean(jnp.square(restored.astype(jnp.float32) - clean))
-    lp = (jnp.mean(nnx.merge(lpips_def, lpips_state)(restored, clean))
+    restored, terms = _generator_terms(models, gparams, state["gen"]["frozen"], state["disc"],
+                                       batch, config)
+    mse, adv, freq = terms["mse"], terms["adv"], terms["freq"]
+    lp = (jnp.mean(nnx.merge(lpips_def, lpips_state)(restored, batch["clean"]))
           if lpips_def is not None else jnp.zeros(()))
-    fake_logits, _ = _disc_logits(models, state["disc"]["params"], state["disc"]["rest"],
-                                  restored, update_stats=False)
-    adv = disc_lib.generator_adversarial_loss(fake_logits, config.disc.real_target)
-    freq = losses.frequency_loss(aux["freq_terms"])
     total = (lw.w_mse * mse + lw.w_lpips * lp + adv_on * lw.w_adv * adv + lw.w_freq * freq)
     return total, ({"loss": total, "mse": mse, "lpips": lp, "adv": adv, "freq": freq},
                    restored)
@@ -489,7 +496,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           _check_finite(step, scalars, last_saved)
           ckpt.save(step, checkpoint_view(state, config), train_iter, force=True)
           last_saved = step
-        if out_of_time and not preempt.is_set():
+        if out_of_time and not preempted:
           _say(f"Stopping at step {step}: this invocation's budget is spent (max_wall_minutes="
                f"{config.max_wall_minutes}, stop_after={config.get('stop_after', 0)}); checkpoint "
                "saved, the same command resumes.")
@@ -716,19 +723,15 @@ def _residual_bytes(config, abstract, models: Models, per_device_batch: int, rem
   models = _with_remat(models, abstract, remat)
   lw = config.loss
 
-  def residuals(gparams, gfrozen, dparams, drest, batch):
+  def residuals(gparams, gfrozen, disc, batch):
     def loss(p):
-      restored, aux = _generator_forward(models, p, gfrozen, batch)
-      mse = jnp.mean(jnp.square(restored.astype(jnp.float32) - batch["clean"]))
-      fake_logits, _ = _disc_logits(models, dparams, drest, restored, update_stats=False)
-      adv = disc_lib.generator_adversarial_loss(fake_logits, config.disc.real_target)
-      return lw.w_mse * mse + lw.w_adv * adv + lw.w_freq * losses.frequency_loss(
-          aux["freq_terms"])
+      _, t = _generator_terms(models, p, gfrozen, disc, batch, config)
+      return lw.w_mse * t["mse"] + lw.w_adv * t["adv"] + lw.w_freq * t["freq"]
     return jax.vjp(loss, gparams)[1]
 
-  g, d = abstract["gen"], abstract["disc"]
+  g = abstract["gen"]
   per_example = _bytes_per_example(lambda b: jax.eval_shape(
-      residuals, g["params"], g["frozen"], d["params"], d["rest"], _batch_spec(config, b)))
+      residuals, g["params"], g["frozen"], abstract["disc"], _batch_spec(config, b)))
   return per_example * per_device_batch
 
 
