@@ -62,3 +62,17 @@ def test_bfloat16_option_and_bad_options():
     TextEncoder(max_tokens=0)
   with pytest.raises(FapeError, match="Could not load the text encoder"):
     TextEncoder("/nonexistent/model/folder")
+
+
+def test_batching_does_not_change_embeddings_bitwise():
+  # Every forward is (batch_size, K), so CPU kernels take one code path whatever the batching:
+  # all at once (a full batch and a partial last one), one by one, or split unevenly.
+  enc = TextEncoder(max_tokens=32, batch_size=4)
+  texts = [HAZE, RAIN, LONG] + [format_plan("denoise", "low", f"grain level {i}", ["smooth"])
+                                for i in range(4)]
+  tokens, mask = enc.encode(texts)
+  assert tokens.shape == (7, 32, 384)
+  for parts in ([texts[i:i + 1] for i in range(7)], [texts[:2], texts[2:]], [texts[:5], texts[5:]]):
+    outs = [enc.encode(p) for p in parts]
+    np.testing.assert_array_equal(np.concatenate([t for t, _ in outs]), tokens)
+    np.testing.assert_array_equal(np.concatenate([m for _, m in outs]), mask)

