@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # Two pytest workers: most test time is XLA compilation, which runs on one core.
 TEST_WORKERS ?= 2
 
-.PHONY: setup train test clean-venv
+.PHONY: setup train test test-fast clean-venv
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ train: setup
 # pytest exit code 5 means "no tests collected": that is a failure here, not a pass.
 test: setup
 	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The inner loop: everything but the tests marked `slow` (CLI subprocesses, several processes).
+test-fast: setup
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 clean-venv:

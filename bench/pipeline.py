@@ -68,10 +68,10 @@ def main(argv):
   config = FLAGS.config
   machine = measure.machine_info()  # date and load at the start
   say = measure.say
-  from fape_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from fape_jax import train_data  # pylint: disable=g-import-not-at-top
 
   t0 = time.perf_counter()
-  data = train_lib.prepare_data(config)
+  data = train_data.prepare_data(config)
   prepare_s = time.perf_counter() - t0
   say(f"stores ready in {prepare_s:.1f} s: {len(data.train)} train pairs, "
       f"{len(data.plans) if data.plans is not None else 0} plans")

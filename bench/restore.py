@@ -4,7 +4,7 @@
 
 Uses the executor of the config (randomly initialised: latency and memory do not depend on the
 weights' values, only on their shapes) through the same pieces the restore CLI uses:
-`train_lib.make_eval_step` (the jit-compiled executor call) and `fape_jax.tiling.tiled_apply`
+`steps.make_eval_step` (the jit-compiled executor call) and `fape_jax.tiling.tiled_apply`
 (overlap-blended tiles). For each size:
   whole   the image in one executor call (the executor pads it to its size multiple), when
           size <= --whole_max;
@@ -36,19 +36,19 @@ import numpy as np
 def init_generator(config, mesh):
   """(trainable, frozen, shardings, Models): the executor only, created with its shardings.
 
-  Like `train_lib.create_state` minus the discriminator and optimiser states, which restoring
+  Like `model_state.create_state` minus the discriminator and optimiser states, which restoring
   does not hold (so they do not count in its memory).
   """
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from fape_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from fape_jax import model_state  # pylint: disable=g-import-not-at-top
 
-  abstract, models = train_lib.abstract_state(config)
-  shardings = train_lib.state_shardings(abstract, mesh, config)
+  abstract, models = model_state.abstract_state(config)
+  shardings = model_state.state_shardings(abstract, mesh, config)
 
   def init():
     key = jax.random.key(config.seed, impl=config.get("prng_impl", "threefry2x32"))
-    gen = train_lib.build_generator(config, nnx.Rngs(key))
+    gen = model_state.build_generator(config, nnx.Rngs(key))
     _, params, frozen = nnx.split(gen, models.gen_trainable, ...)
     return params, frozen
 
@@ -62,7 +62,7 @@ def _worker(config, size: int, mode: str) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   from fape_jax import sharding as shard_lib  # pylint: disable=g-import-not-at-top
   from fape_jax import tiling  # pylint: disable=g-import-not-at-top
-  from fape_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from fape_jax import steps  # pylint: disable=g-import-not-at-top
   from inputs import random_batch  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
@@ -76,7 +76,7 @@ def _worker(config, size: int, mode: str) -> dict[str, Any]:
   out["rss_after_init_bytes"] = measure.max_rss_bytes()
   multiple = int(nnx.merge(models.gen_def, gen_params, gen_frozen).multiple)
   bsh = shard_lib.batch_sharding(mesh, config.data_axes)
-  eval_step = train_lib.make_eval_step(models, shardings["gen"], bsh)
+  eval_step = steps.make_eval_step(models, shardings["gen"], bsh)
 
   tile, overlap = tiling_for(config, multiple)
   out["tile"], out["overlap"] = tile, overlap

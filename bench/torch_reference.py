@@ -211,7 +211,7 @@ class TorchExecutor(nn.Module):
     self.timestep = int(m.timestep)
     self.multiple = 2 ** (len(ucfg["down_block_types"]) - 1) * (
         2 ** (len(m.vae.block_out_channels) - 1) if self.vae is not None else 1)
-    if self.residual and config.train_base_unet:  # as fape_jax.train_lib.build_generator
+    if self.residual and config.train_base_unet:  # as fape_jax.model_state.build_generator
       nn.init.zeros_(self.unet.conv_out.weight)
       nn.init.zeros_(self.unet.conv_out.bias)
     # Trainable: adapters, routers and projector; the UNet too when trained from scratch.

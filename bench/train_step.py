@@ -8,9 +8,9 @@
 
 The config is read at run time, so whatever `configs/base.py` holds now is what is measured.
 Steps timed, one fixed random batch each (step time does not depend on values):
-  jax_library   `train_lib.make_train_step`, the real training step: generator + discriminator
+  jax_library   `steps.make_train_step`, the real training step: generator + discriminator
                 update, every configured loss, Prodigy; FLOPs from XLA's cost analysis of it.
-  jax_matched   the same executor (`train_lib.build_generator`: UNet + LoRA-MoE + projector) with
+  jax_matched   the same executor (`model_state.build_generator`: UNet + LoRA-MoE + projector) with
                 the objective the PyTorch reference can match: w_mse * MSE + w_freq * L_freq,
                 AdamW, the same gradient clipping. No discriminator.
   torch_eager   bench/torch_reference.py: diffusers' UNet + a torch two-expert LoRA, same config,
@@ -40,7 +40,8 @@ from flax import nnx
 
 from fape_jax import losses
 from fape_jax import sharding as shard_lib
-from fape_jax import train_lib
+from fape_jax import model_state
+from fape_jax import steps
 
 # Dense bf16 peak of common accelerators (vendor datasheets, no sparsity), for MFU next to the
 # measured-peak fraction. Matched by substring of `device_kind`, first match wins.
@@ -75,16 +76,16 @@ def _block(tree) -> None:
 
 
 class LibraryStep:
-  """`train_lib`'s own compiled train step on a fixed batch; keeps the (donated) state."""
+  """`steps.make_train_step` (the library's train step) on a fixed batch; keeps the state."""
 
   def __init__(self, config, mesh):
     t0 = time.perf_counter()
-    self.state, self.shardings, self.models = train_lib.create_state(config, mesh)
+    self.state, self.shardings, self.models = model_state.create_state(config, mesh)
     _block(self.state)
     self.init_s = time.perf_counter() - t0
     bsh = shard_lib.batch_sharding(mesh, config.data_axes)
     self.batch = jax.device_put(random_batch(config), bsh)
-    self.step = train_lib.make_train_step(self.models, config, self.shardings, bsh)
+    self.step = steps.make_train_step(self.models, config, self.shardings, bsh)
     t0 = time.perf_counter()
     # The step is compiled exactly once, here; `step.jitted` is never called, so the library's
     # trace-count guard is not tripped by the benchmark.

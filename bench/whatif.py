@@ -9,7 +9,7 @@ losses on the same batch (at step 3: earlier steps cannot see changes behind the
 LoRA B matrices and output conv), and times them alternately (A B, B A, ...; medians over rounds).
 
 Changes:
-  lowpass_matmul  `lora_moe.BandFilter.lowpass` in 'fft2d' mode computes rfft2 -> Gaussian ->
+  lowpass_matmul  `bands.BandFilter.lowpass` in 'fft2d' mode computes rfft2 -> Gaussian ->
                   irfft2 on the token grid. The Gaussian transfer 2^(-(fy^2 + fx^2) / c^2) is
                   separable and the filter is circular, so the same operator is
                   L(x) = M_h . x . M_w^T with real circulant M_n = IDFT diag(2^(-f^2 / c^2)) DFT
@@ -32,7 +32,7 @@ import numpy as np
 
 from fape_jax import sharding as shard_lib
 from fape_jax.errors import FapeError
-from fape_jax.models import lora_moe
+from fape_jax.models import bands
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,7 +43,7 @@ def circulant_lowpass(n: int, cutoff: float) -> np.ndarray:
       np.float32)
 
 
-def lowpass_matmul(self: lora_moe.BandFilter, tokens: jax.Array, grid: tuple[int, int]
+def lowpass_matmul(self: bands.BandFilter, tokens: jax.Array, grid: tuple[int, int]
                    ) -> jax.Array:
   """`BandFilter.lowpass` ('fft2d') as two matmuls over the token grid (see module docstring)."""
   if self.mode != "fft2d":
@@ -59,8 +59,8 @@ def lowpass_matmul(self: lora_moe.BandFilter, tokens: jax.Array, grid: tuple[int
   return x.reshape(b, n, c)
 
 
-_ORIGINAL_LOWPASS = lora_moe.BandFilter.lowpass
-CHANGES = {"lowpass_matmul": (lora_moe.BandFilter, "lowpass", lowpass_matmul)}
+_ORIGINAL_LOWPASS = bands.BandFilter.lowpass
+CHANGES = {"lowpass_matmul": (bands.BandFilter, "lowpass", lowpass_matmul)}
 
 
 @contextlib.contextmanager

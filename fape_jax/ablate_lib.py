@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from typing import Any, Callable, Mapping, Sequence
 
-import jax
 import ml_collections
 import numpy as np
 from etils import epath
 
+from fape_jax import distributed
+from fape_jax.distributed import say
 from fape_jax import report as report_lib
 from fape_jax import tasks as tasks_lib
 from fape_jax.errors import FapeError
@@ -39,12 +39,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dense": ("one dense LoRA (no experts, no routing)", {"model.lora.variant": "dense"}),
 }
 RESULT_FILE = "ablation_result.json"
-
-
-def _say(msg: str) -> None:
-  logging.info("%s", msg)
-  if jax.process_index() == 0:
-    print(msg, flush=True)
 
 
 def parse_variants(names: Sequence[str] | str | None) -> list[str]:
@@ -77,7 +71,7 @@ def _mean(xs) -> float | None:
 
 
 def build_table(results: Mapping[str, Mapping[str, Any]], total_steps: int) -> dict:
-  """The Table-4 rows from each variant's validation table (train_lib.validate's form)."""
+  """The Table-4 rows from each variant's validation table (validation.validate's form)."""
   tasks = [t for t in tasks_lib.TASKS if any(t in r["table"] for r in results.values())]
   rows = []
   for name, r in results.items():
@@ -140,12 +134,12 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     if result_path.exists():
       prev = json.loads(result_path.read_text())
       if prev.get("config_hash") == digest:
-        _say(f"[ablation] {name}: finished earlier ({prev['steps']} steps), not retrained.")
+        say(f"[ablation] {name}: finished earlier ({prev['steps']} steps), not retrained.")
         results[name] = prev
         continue
-      _say(f"[ablation] {name}: its earlier result is for another config; running it again "
-           "(training resumes from its checkpoints, if any).")
-    _say(f"[ablation] {name}: {VARIANTS[name][0]}; training {cfg.total_steps} steps in {vdir}.")
+      say(f"[ablation] {name}: its earlier result is for another config; running it again "
+          "(training resumes from its checkpoints, if any).")
+    say(f"[ablation] {name}: {VARIANTS[name][0]}; training {cfg.total_steps} steps in {vdir}.")
     table = train_fn(cfg, os.fspath(vdir))
     if not table:  # checkpoints already complete: validate the finished run instead
       table = evaluate_fn(vdir, limit=int(cfg.get("num_eval_images", 0) or 0))
@@ -153,13 +147,13 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       raise FapeError(f"[ablation] {name}: no validation table from {vdir}.")
     results[name] = {"variant": name, "overrides": VARIANTS[name][1], "steps": cfg.total_steps,
                      "config_hash": digest, "table": table}
-    if jax.process_index() == 0:
+    if distributed.is_main_process():
       vdir.mkdir(parents=True, exist_ok=True)
       result_path.write_text(json.dumps(results[name], indent=2))
   result = build_table(results, int(config.total_steps))
-  _say(format_table(result))
-  if jax.process_index() == 0:
+  say(format_table(result))
+  if distributed.is_main_process():
     (workdir / "ablation.json").write_text(json.dumps(result, indent=2))
     (workdir / "ablation.html").write_text(report_lib.ablation_report(result))
-    _say(f"Wrote {workdir / 'ablation.json'} and {workdir / 'ablation.html'}.")
+    say(f"Wrote {workdir / 'ablation.json'} and {workdir / 'ablation.html'}.")
   return result

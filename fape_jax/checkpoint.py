@@ -1,7 +1,7 @@
 """Orbax checkpoints of the train state together with the Grain iterator.
 
 One `ocp.CheckpointManager` in `WORKDIR/checkpoints` with two items: `state` (a pytree of arrays:
-trainable parameters, optimiser states, discriminator, step, RNG) and `data` (the Grain iterator,
+trainable parameters, optimiser states, discriminator, step) and `data` (the Grain iterator,
 one JSON per process). Saves are atomic (Orbax writes to a temporary folder and renames it), happen
 every `save_every` steps, on preemption (SIGTERM/SIGINT) and at the end; the last `keep` are kept.
 Restoring targets an abstract state whose leaves carry the *current* mesh's shardings, so a

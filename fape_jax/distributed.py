@@ -492,3 +492,43 @@ def _flatten(tree, prefix: str = "") -> dict[str, Any]:
 def _short(value, width: int = 80) -> str:
   text = repr(value) if not isinstance(value, _Absent) else "<missing>"
   return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def say(msg: str) -> None:
+  """Progress a user should see: logged on every process, printed to stdout on process 0 only."""
+  logging.info("%s", msg)
+  if is_main_process():
+    print(msg, flush=True)
+
+
+def barrier(name: str) -> None:
+  """Every process waits here until all have arrived (nothing to do for a single process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+# Entry points' --compilation_cache default: JAX's own variable when set, else a user cache folder.
+COMPILATION_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR") or "~/.cache/fape_jax/xla"
+COMPILATION_CACHE_HELP = ("JAX's persistent compilation cache folder: single-process runs reuse "
+                          "compiled steps across runs; '' = off (always off for several "
+                          "processes).")
+
+
+def enable_compilation_cache(cache_dir: str | None) -> bool:
+  """JAX's persistent compilation cache in `cache_dir` for a single-process run; returns if on.
+
+  Compiled programs (the train and eval steps) are then reused by the next run with the same
+  shapes: a resumed training, `restore` and `evaluate` skip most of their compile time. "" or
+  None: off. Always off for several processes: multi-process CPU runs (gloo collectives) do not
+  round-trip through the cache.
+  """
+  if not cache_dir or jax.process_count() > 1:
+    if jax.config.jax_compilation_cache_dir:
+      logging.info("distributed: persistent compilation cache off.")
+      jax.config.update("jax_compilation_cache_dir", None)
+    return False
+  path = os.path.expanduser(cache_dir)
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  logging.info("distributed: persistent compilation cache in %s", path)
+  return True

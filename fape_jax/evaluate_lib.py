@@ -7,7 +7,7 @@ Sets evaluated (each image restored at its native resolution with `restore_lib.R
 when larger than the working size):
 
   validation   the run's validation split (the embedded synthetic one by default), prepared with
-               `train_lib.prepare_data`, plans from the run's plan store
+               `train_data.prepare_data`, plans from the run's plan store
   mixes        the synthetic store's CDD-11-style `mixes` split, zero-shot (never trained on);
                plans from the plan store when it has them, else planned on the fly with the run's
                planner and encoder
@@ -28,7 +28,6 @@ from __future__ import annotations
 import collections
 import itertools
 import json
-import logging
 import os
 import time
 from typing import Any, Callable, Iterator, Sequence
@@ -38,16 +37,12 @@ import numpy as np
 from etils import epath
 
 from fape_jax import baselines as baselines_lib
+from fape_jax.distributed import say
 from fape_jax import metrics as metrics_lib
 from fape_jax import report as report_lib
 from fape_jax import restore_lib
 from fape_jax import tasks as tasks_lib
 from fape_jax.errors import FapeError
-
-
-def _say(msg: str) -> None:
-  logging.info("%s", msg)
-  print(msg, flush=True)
 
 
 def parse_data_flag(values: Sequence[str]) -> list[tuple[str, str]]:
@@ -310,7 +305,7 @@ def evaluate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
 
   `per_task` caps the images per task (per mix) in every set (0 = all).
   """
-  from fape_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from fape_jax import train_data  # pylint: disable=g-import-not-at-top
   from fape_jax.data import pairs  # pylint: disable=g-import-not-at-top
 
   out_dir = epath.Path(out_dir)
@@ -325,16 +320,16 @@ def evaluate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
   samples = {}
   t0 = time.perf_counter()
 
-  train_data = train_lib.prepare_data(config)
-  store = train_data.plans
+  prepared = train_data.prepare_data(config)
+  store = prepared.plans
   # Validation plans come from the run's plan store (whatever planner built it); the mixes and
   # benchmarks are planned now by the restorer's planner, unless the store has them.
   store_planner = store.manifest.get("planner", "?") if store is not None else None
   sets["validation"], samples["validation"] = evaluate_set(
-      "validation", "single", select_records(train_data.val, per_task), restorer, store=store,
+      "validation", "single", select_records(prepared.val, per_task), restorer, store=store,
       planner_name=store_planner or restorer.planner_kind, lpips=lpips, baselines=baselines,
       num_samples=num_samples)
-  _say(format_set_table("validation", sets["validation"]))
+  say(format_set_table("validation", sets["validation"]))
   if mixes:
     pairs.prepare_synthetic(config.data.data_dir, config.data)
     src = pairs.open_pairs(config.data.data_dir, pairs.SYNTHETIC, "mixes", config.data)
@@ -342,18 +337,18 @@ def evaluate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
         "mixes", "mixes", select_records(src, per_task), restorer, store=store,
         planner_name=restorer.planner_kind, lpips=lpips, baselines=False,
         num_samples=num_samples)
-    _say(format_set_table("mixes", sets["mixes"]))
+    say(format_set_table("mixes", sets["mixes"]))
   for name, folder in data:
     src = _benchmark_source(config, name, folder)
     sets[name], samples[name] = evaluate_set(
         name, "single", select_records(src, per_task), restorer,
         planner_name=restorer.planner_kind, lpips=lpips, baselines=baselines,
         num_samples=num_samples)
-    _say(format_set_table(name, sets[name]))
+    say(format_set_table(name, sets[name]))
   if baselines:
     for name, s in sets.items():
       if s["kind"] != "mixes":
-        _say(format_baseline_table(name, s))
+        say(format_baseline_table(name, s))
 
   metrics = {
       "run": {"workdir": os.path.abspath(os.fspath(workdir)), "step": restorer.step,
@@ -366,21 +361,21 @@ def evaluate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
   }
   (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
   (out_dir / "report.html").write_text(report_lib.evaluation_report(metrics, samples))
-  _say(f"Wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}.")
+  say(f"Wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}.")
   return metrics
 
 
 def validation_psnr(workdir: str | os.PathLike, *, limit: int = 0,
                     restorer: restore_lib.Restorer | None = None) -> dict:
-  """Per-task validation PSNR of a finished run, in `train_lib.validate`'s table form.
+  """Per-task validation PSNR of a finished run, in `validation.validate`'s table form.
 
   For a run whose final validation table was lost (e.g. an ablation variant interrupted between
   its last checkpoint and writing its result): {task: {"degraded_psnr", "restored_psnr", "n"}}.
   `limit` takes the first records of the split, as training's `num_eval_images` does.
   """
-  from fape_jax import train_lib  # pylint: disable=g-import-not-at-top
+  from fape_jax import train_data  # pylint: disable=g-import-not-at-top
   restorer = restorer or restore_lib.load_restorer(workdir)
-  data = train_lib.prepare_data(restorer.config)
+  data = train_data.prepare_data(restorer.config)
   records = select_records(data.val)
   if limit:
     records = itertools.islice(records, limit)

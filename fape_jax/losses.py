@@ -7,26 +7,16 @@ Frequency loss: each MoE layer keeps its experts inside their bands,
 with y_low / y_high the low- and high-band experts' adapter outputs (scaled by alpha / rank,
 before the routing weights) and L the same low-pass as the layer's band split (`BandFilter`, FFT
 on the token grid by default). Keeping both expert outputs of every layer alive until the loss
-would cost activation memory, so each wrapper reduces its own term with `band_leakage` and sows
-the scalar; `frequency_loss` averages those scalars.
+would cost activation memory, so each wrapper reduces its own term with
+`fape_jax.models.bands.band_leakage` and hands on the scalar; `frequency_loss` averages them.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
-
-
-def band_leakage(y_low: jax.Array, y_high: jax.Array,
-                 lowpass: Callable[[jax.Array], jax.Array]) -> jax.Array:
-  """mean(|H(y_low)|^2 + |L(y_high)|^2) of one layer; `lowpass` is that layer's L (float32 out)."""
-  y_low = y_low.astype(jnp.float32)
-  y_high = y_high.astype(jnp.float32)
-  leak_low = y_low - lowpass(y_low)  # H(y_low): what the low expert puts above the cutoff
-  leak_high = lowpass(y_high)  # L(y_high): what the high expert puts below it
-  return jnp.mean(jnp.square(leak_low)) + jnp.mean(jnp.square(leak_high))
 
 
 @jax.jit

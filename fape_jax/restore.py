@@ -15,6 +15,7 @@ import sys
 from absl import app
 from absl import flags
 
+from fape_jax import distributed
 from fape_jax import errors
 from fape_jax.errors import FapeError
 
@@ -34,11 +35,15 @@ _BATCH = flags.DEFINE_integer("batch", 4, "Tiles per executor call (rounded up t
                               "the device count).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
 
+_COMPILE_CACHE = flags.DEFINE_string("compilation_cache", distributed.COMPILATION_CACHE,
+                                     distributed.COMPILATION_CACHE_HELP)
+
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   with errors.exit_on_user_error():
+    distributed.enable_compilation_cache(_COMPILE_CACHE.value)
     from fape_jax import restore_lib  # pylint: disable=g-import-not-at-top
     if not _WORKDIR.value:
       raise FapeError("--workdir is required (the training run directory).")

@@ -1,4 +1,4 @@
-"""Restoring images with a trained run: model loading, planning, tiling, image files, sidecars.
+"""Restoring images with a trained run: model loading, planning, tiling, sidecars.
 
   restorer = load_restorer("runs/base")       # config.json + newest checkpoint, current devices
   result = restorer.restore(rgb01, *restorer.encode([plan]))
@@ -14,8 +14,9 @@ at its native size: padded to the executor's size multiple and cropped back, or,
 the working size (`tile`), cut into overlapping tiles blended without seams (`fape_jax.tiling`).
 Grayscale inputs are written back as grayscale (BT.601 luma of the restored RGB), RGBA keeps its
 alpha channel untouched, and 16-bit PNG/TIFF inputs are read and written at 16 bits (Pillow reads
-16-bit colour PNGs as 8-bit, so those go through imagecodecs). Next to each output image a
-sidecar `NAME.json` (NAME = the output's file name without its suffix) holds
+16-bit colour PNGs as 8-bit, so those go through imagecodecs); the files are read and written by
+`fape_jax.data.images` (`read_image`, `write_image`). Next to each output image a sidecar
+`NAME.json` (NAME = the output's file name without its suffix) holds
 
   {"plan": {"task", "focus", "rationale", "pipeline", "raw"},
    "routing": {layer path: [w_low, w_high]},         # averaged over tiles
@@ -34,7 +35,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from typing import Any, Callable, Sequence
 
 import jax
@@ -52,10 +52,6 @@ from fape_jax.errors import FapeError
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_TILE = 256
 PLANNERS = ("rule", "hf")
-# Where each output format can store what (bit depth 16, alpha).
-_FORMATS_16BIT = (".png", ".tif", ".tiff")
-_FORMATS_ALPHA = (".png", ".tif", ".tiff", ".webp")
-_LUMA = np.asarray([0.299, 0.587, 0.114], np.float64)  # BT.601, as Pillow's RGB -> L
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,15 +101,13 @@ def inference_mesh(config, devices: Sequence[Any] | None = None) -> jax.sharding
 
 def _restore_state(config, mesh, workdir: epath.Path, step: int | None):
   """(step, generator params, generator frozen, Models) from the run's checkpoint."""
-  from fape_jax import train_lib  # pylint: disable=g-import-not-at-top (heavy: models, optax)
+  from fape_jax import model_state  # pylint: disable=g-import-not-at-top (heavy: models, optax)
 
-  abstract, models = train_lib.abstract_state(config)
-  shardings = train_lib.state_shardings(abstract, mesh, config)
+  abstract, models = model_state.abstract_state(config)
+  shardings = model_state.state_shardings(abstract, mesh, config)
   # The checkpointed tree is the train state's checkpoint view: without the frozen base when it
   # comes from `init_from` (then it is loaded from there again, as training does).
-  view = train_lib.checkpoint_view
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        view(abstract, config), view(shardings, config))
+  target = model_state.restore_target(abstract, shardings, config)
   ckpt_dir = workdir / "checkpoints"
   if not ckpt_dir.exists():
     raise FapeError(f"No checkpoints/ folder in {workdir}; train first (python -m "
@@ -127,8 +121,8 @@ def _restore_state(config, mesh, workdir: epath.Path, step: int | None):
     raise FapeError(f"{ckpt_dir} holds no checkpoint yet; train longer (checkpoints are written "
                     "every config.ckpt_every steps and at the end).")
   if "frozen" not in state["gen"]:
-    full, full_sh, _ = train_lib.create_state(config, mesh)
-    full = train_lib.init_from_pretrained(full, full_sh, config)
+    full, full_sh, _ = model_state.create_state(config, mesh)
+    full = model_state.init_from_pretrained(full, full_sh, config)
     state["gen"]["frozen"] = full["gen"]["frozen"]
   return int(got), state["gen"]["params"], state["gen"]["frozen"], models
 
@@ -163,7 +157,7 @@ class Restorer:
 
   def __init__(self, config, *, step: int, mesh, models, params, frozen, tile: int | None,
                overlap: int | None, batch: int, planner_kind: str, workdir: str = ""):
-    from fape_jax import train_lib  # pylint: disable=g-import-not-at-top
+    from fape_jax import steps  # pylint: disable=g-import-not-at-top (heavy: models, optax)
     self.config = config
     self.workdir = os.fspath(workdir)
     self.step = step
@@ -174,7 +168,7 @@ class Restorer:
     self._batch_sharding = shard_lib.batch_sharding(mesh, config.data_axes)
     gen_sh = {"params": jax.tree.map(lambda a: a.sharding, params),
               "frozen": jax.tree.map(lambda a: a.sharding, frozen)}
-    self._eval = train_lib.make_eval_step(models, gen_sh, self._batch_sharding)
+    self._eval = steps.make_eval_step(models, gen_sh, self._batch_sharding)
     if tile is None:  # the working size the model was trained at
       tile = int(config.data.get("crop", 0) or DEFAULT_TILE)
       tile = math.ceil(tile / self.multiple) * self.multiple
@@ -316,142 +310,6 @@ def export_adapters(workdir: str | os.PathLike, path: str | os.PathLike, *,
                                                step)
   adapters_io.save_adapters(nnx.merge(models.gen_def, params, frozen), path)
   return got
-
-
-# ----------------------------------------------------------------------------------------------
-# Image files: native bit depth, grayscale and alpha kept
-# ----------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class ImageFile:
-  """A decoded image: RGB float32 in [0, 1], plus what writing it back needs."""
-  rgb: np.ndarray                   # H x W x 3 float32 in [0, 1] (gray repeated)
-  alpha: np.ndarray | None          # H x W, in the file's integer type, or None
-  gray: bool
-  bits: int                         # 8 or 16
-
-  @property
-  def rgb8(self) -> np.ndarray:
-    """8-bit RGB (what the planner and its hints take)."""
-    return np.round(self.rgb * 255.0).astype(np.uint8)
-
-
-def _png_bit_depth(path: str) -> int | None:
-  """The bit depth in a PNG's IHDR (Pillow hides it: 16-bit colour decodes as 8-bit RGB)."""
-  with open(path, "rb") as f:
-    head = f.read(25)
-  if len(head) == 25 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-    return head[24]
-  return None
-
-
-def _decode(path: str) -> np.ndarray:
-  """The file's pixels as uint8 / uint16, shape (H, W) or (H, W, 1..4)."""
-  lower = path.lower()
-  if lower.endswith((".tif", ".tiff")):
-    import tifffile  # pylint: disable=g-import-not-at-top
-    a = tifffile.imread(path)
-    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[2] not in (1, 3, 4):
-      a = np.moveaxis(a, 0, -1)  # planar (C, H, W) storage
-    return a
-  if lower.endswith(".png") and _png_bit_depth(path) == 16:
-    import imagecodecs  # pylint: disable=g-import-not-at-top
-    with open(path, "rb") as f:
-      return imagecodecs.png_decode(f.read())
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  with Image.open(path) as im:
-    im.load()  # decode now: truncated or corrupt data fails here
-    if im.mode == "P":
-      im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    elif im.mode in ("PA", "RGBa", "La"):
-      im = im.convert("RGBA" if im.mode != "La" else "LA")
-    elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-      im = im.convert("RGB")
-    elif im.mode == "1":
-      im = im.convert("L")
-    a = np.asarray(im)
-  if a.dtype.kind in "iu" and a.dtype.itemsize > 1:  # Pillow's I / I;16 (16-bit gray)
-    if a.min() < 0 or a.max() > 65535:
-      raise FapeError("pixel values outside 0..65535 (a 32-bit image)")
-    a = a.astype(np.uint16)
-  return a
-
-
-def read_image(path: str | os.PathLike) -> ImageFile:
-  """Reads an image file keeping its bit depth, gray/colour and alpha; FapeError names the file."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FapeError(f"Image file {path} does not exist (or is not a file).")
-  try:
-    a = _decode(path)
-  except Exception as e:  # noqa: BLE001 (decoders raise many types for bad data)
-    raise FapeError(f"Cannot read image {path}: {type(e).__name__}: {e}. The file is corrupt, "
-                    "truncated or not an image.") from None
-  if a.dtype not in (np.uint8, np.uint16):
-    raise FapeError(f"Image {path}: {a.dtype} pixels are not supported; save it as an 8- or "
-                    "16-bit PNG, TIFF or JPEG.")
-  if a.ndim == 2:
-    a = a[..., None]
-  if a.ndim != 3 or a.shape[2] not in (1, 2, 3, 4) or 0 in a.shape:
-    raise FapeError(f"Image {path}: unsupported shape {a.shape}; expected gray, gray+alpha, RGB "
-                    "or RGBA.")
-  channels = a.shape[2]
-  top = float(np.iinfo(a.dtype).max)
-  alpha = a[..., -1].copy() if channels in (2, 4) else None
-  color = a[..., :3] if channels >= 3 else np.repeat(a[..., :1], 3, axis=2)
-  return ImageFile(rgb=(color.astype(np.float32) / np.float32(top)), alpha=alpha,
-                   gray=channels <= 2, bits=16 if a.dtype == np.uint16 else 8)
-
-
-def check_writable_as(path: str | os.PathLike, like: ImageFile) -> None:
-  """Refuses output formats that would silently drop 16 bits or alpha."""
-  suffix = os.path.splitext(os.fspath(path))[1].lower()
-  if like.bits == 16 and suffix not in _FORMATS_16BIT:
-    raise FapeError(f"{path}: the input is a 16-bit image but {suffix} stores 8 bits; write it "
-                    f"as {' or '.join(_FORMATS_16BIT)}.")
-  if like.alpha is not None and suffix not in _FORMATS_ALPHA:
-    raise FapeError(f"{path}: the input has an alpha channel but {suffix} cannot store one; "
-                    f"write it as {' or '.join(_FORMATS_ALPHA)}.")
-
-
-def encode_like(rgb01: np.ndarray, like: ImageFile) -> np.ndarray:
-  """Restored RGB in [0, 1] -> pixels in the input's layout (gray, alpha, bit depth)."""
-  x = np.clip(np.asarray(rgb01, np.float64), 0.0, 1.0)
-  if like.gray:
-    x = (x @ _LUMA)[..., None]
-  top, dtype = (65535.0, np.uint16) if like.bits == 16 else (255.0, np.uint8)
-  out = np.round(x * top).astype(dtype)
-  if like.alpha is not None:
-    out = np.concatenate([out, like.alpha[..., None].astype(dtype)], axis=2)
-  return out[..., 0] if out.shape[2] == 1 else out
-
-
-def write_image(path: str | os.PathLike, rgb01: np.ndarray, like: ImageFile) -> None:
-  """Writes the restored image in the input's layout; atomically (temp file, then rename)."""
-  path = os.fspath(path)
-  check_writable_as(path, like)
-  pixels = encode_like(rgb01, like)
-  suffix = os.path.splitext(path)[1].lower()
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".restore-", suffix=suffix, dir=folder)
-  os.close(fd)
-  try:
-    if suffix in (".tif", ".tiff"):
-      import tifffile  # pylint: disable=g-import-not-at-top
-      tifffile.imwrite(tmp, pixels, photometric="minisblack" if pixels.ndim == 2 or
-                       pixels.shape[2] == 2 else "rgb")
-    elif pixels.dtype == np.uint16:  # Pillow cannot write 16-bit colour PNGs
-      import imagecodecs  # pylint: disable=g-import-not-at-top
-      with open(tmp, "wb") as f:
-        f.write(imagecodecs.png_encode(pixels))
-    else:
-      from PIL import Image  # pylint: disable=g-import-not-at-top
-      kwargs = {"quality": 95} if suffix in (".jpg", ".jpeg", ".webp") else {}
-      Image.fromarray(pixels).save(tmp, **kwargs)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,8 +467,8 @@ def restore_paths(workdir: str | os.PathLike, input_path: str, output_path: str,
   report = RestoreReport([], {})
   for job in jobs:
     try:
-      image = read_image(job.source)
-      check_writable_as(job.output, image)
+      image = images_lib.read_image(job.source)
+      images_lib.check_writable_as(job.output, image)
       plans = (manual_plans(parsed, [image.rgb8]) if parsed is not None
                else restorer.plan([image.rgb8]))
       tokens, mask = restorer.encode(plans)
@@ -622,7 +480,7 @@ def restore_paths(workdir: str | os.PathLike, input_path: str, output_path: str,
               "planner": "manual" if parsed is not None else restorer.planner_kind,
               "bits": image.bits, "gray": image.gray, "alpha": image.alpha is not None}
       os.makedirs(os.path.dirname(os.path.abspath(job.output)), exist_ok=True)
-      write_image(job.output, result.image, image)
+      images_lib.write_image(job.output, result.image, image)
       with open(job.sidecar, "w", encoding="utf-8") as f:
         json.dump(sidecar(plans[0], result, meta), f, indent=2)
       report.done.append(job)

@@ -9,16 +9,17 @@ from __future__ import annotations
 import json
 import time
 
-import jax
 import numpy as np
 from etils import epath
+
+from fape_jax import distributed
 
 
 class RunLog:
   """Writes scalars to WORKDIR/metrics.jsonl and WORKDIR/tb/; a no-op on processes other than 0."""
 
   def __init__(self, workdir: str | epath.Path):
-    self.enabled = jax.process_index() == 0
+    self.enabled = distributed.is_main_process()
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self._tb = None
     if self.enabled:

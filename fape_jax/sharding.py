@@ -11,14 +11,15 @@ Adapter/router/projector parameters are small and replicated (their logical axes
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from fape_jax.errors import FapeError
+
 
 # Logical axes by parameter rank, for the base model's parameters.
 _LOGICAL_BY_RANK = {
@@ -29,9 +30,8 @@ _LOGICAL_BY_RANK = {
 BATCH = "batch"
 
 
-def make_mesh(axes: Sequence[str], shape: Sequence[int], devices=None) -> Mesh:
-  """Builds the mesh; one entry of `shape` may be -1 (fill with the remaining devices)."""
-  devices = list(jax.devices() if devices is None else devices)
+def fill_mesh_shape(axes: Sequence[str], shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
+  """`shape` with its -1 entry (at most one) filled so the mesh spans exactly `n_devices`."""
   axes, shape = tuple(axes), list(shape)
   if len(axes) != len(shape):
     raise FapeError(f"config.mesh: {len(axes)} axis names {axes} but {len(shape)} sizes {shape}; "
@@ -40,14 +40,26 @@ def make_mesh(axes: Sequence[str], shape: Sequence[int], devices=None) -> Mesh:
     raise FapeError(f"config.mesh.shape={tuple(shape)}: at most one axis may be -1 (fill).")
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
-    if len(devices) % known:
-      raise FapeError(f"config.mesh.shape={tuple(shape)}: {len(devices)} devices do not divide by "
+    if n_devices % known:
+      raise FapeError(f"config.mesh.shape={tuple(shape)}: {n_devices} devices do not divide by "
                       f"the fixed axes' product {known}.")
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
+    shape[shape.index(-1)] = n_devices // known
+  if math.prod(shape) != n_devices:
     raise FapeError(f"config.mesh.shape={tuple(shape)} needs {math.prod(shape)} devices but "
-                    f"{len(devices)} are available; use -1 on one axis to fill.")
-  return Mesh(np.asarray(devices).reshape(shape), axes)
+                    f"{n_devices} are available; use -1 on one axis to fill.")
+  return tuple(shape)
+
+
+def make_mesh(axes: Sequence[str], shape: Sequence[int], devices=None) -> Mesh:
+  """Builds the mesh; one entry of `shape` may be -1 (fill with the remaining devices).
+
+  `jax.make_mesh` orders the devices by the hardware's topology (rings on TPU pods); the axes are
+  `Auto`, so shardings follow the in/out shardings given to jit rather than explicit types.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = fill_mesh_shape(axes, shape, len(devices))
+  return jax.make_mesh(shape, tuple(axes), axis_types=(AxisType.Auto,) * len(shape),
+                       devices=devices)
 
 
 def _mesh_axes_for(logical: str | None, rules: dict[str, Any]):
@@ -82,11 +94,6 @@ def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: M
   while spec and spec[-1] is None:
     spec.pop()
   return P(*spec)
-
-
-def path_str(path: Sequence[Any]) -> str:
-  """'down_blocks.0.attentions.0...' from an nnx state path."""
-  return ".".join(str(p) for p in path)
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: Sequence[tuple[str, Any]],
@@ -145,3 +152,17 @@ def batch_sharding(mesh: Mesh, data_axes: Sequence[str]) -> NamedSharding:
 
 def data_parallel_size(mesh: Mesh, data_axes: Sequence[str]) -> int:
   return _axis_size(mesh, tuple(a for a in data_axes if a in mesh.axis_names))
+
+
+# Batch fields that go to the devices (strings, ids and host-only fields stay numpy).
+DEVICE_KEYS = ("degraded", "clean", "plan_tokens", "plan_mask", "task_id", "index")
+
+
+def global_batch(batch: Mapping[str, np.ndarray], sharding: NamedSharding,
+                 keys: Sequence[str] = DEVICE_KEYS) -> dict:
+  """This process's rows of a batch -> global jax.Arrays split along the batch axis.
+
+  Only the fields named in `keys` are sent to the devices; every process passes its own rows.
+  """
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items() if k in keys}

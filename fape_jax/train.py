@@ -24,6 +24,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, log
 _DRY_RUN = flags.DEFINE_bool("dry_run", False,
                              "Build the train state abstractly and print the per-device memory "
                              "table for the config's mesh; allocates nothing.")
+_COMPILE_CACHE = flags.DEFINE_string("compilation_cache", distributed.COMPILATION_CACHE,
+                                     distributed.COMPILATION_CACHE_HELP)
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
@@ -33,9 +35,12 @@ def main(argv):
   del argv
   with errors.exit_on_user_error():
     distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
-    from fape_jax import train_lib  # pylint: disable=g-import-not-at-top (after distributed init)
+    distributed.enable_compilation_cache(_COMPILE_CACHE.value)
+    # pylint: disable=g-import-not-at-top (after distributed init)
+    from fape_jax import dry_run
+    from fape_jax import train_lib
     if _DRY_RUN.value:
-      print(train_lib.dry_run(_CONFIG.value))
+      print(dry_run.dry_run(_CONFIG.value))
       return
     if not _WORKDIR.value:
       raise FapeError("--workdir is required (the run directory for checkpoints and logs).")

@@ -22,7 +22,7 @@ from fape_jax import ablate_lib
 from fape_jax import checkpoint as ckpt_lib
 from fape_jax import evaluate_lib
 from fape_jax import restore_lib
-from fape_jax import train_lib
+from fape_jax import model_state
 from fape_jax.errors import FapeError
 from fape_jax.tasks import TASKS
 
@@ -31,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def param_names(cfg) -> collections.Counter:
   """Counts of the generator's trainable parameter names (last two path parts)."""
-  abstract, _ = train_lib.abstract_state(cfg)
+  abstract, _ = model_state.abstract_state(cfg)
   return collections.Counter(".".join(str(p) for p in path[-2:])
                              for path, _ in nnx.to_flat_state(abstract["gen"]["params"]))
 
@@ -129,6 +129,7 @@ def test_unknown_variants_are_refused():
   assert ablate_lib.parse_variants([]) == list(ablate_lib.VARIANTS)
 
 
+@pytest.mark.slow
 def test_cli_trains_a_real_variant(tmp_path, tmp_path_factory):
   data_dir = tmp_path_factory.getbasetemp() / "tiny_data"
   workdir = tmp_path / "ablation"

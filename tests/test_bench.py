@@ -85,7 +85,8 @@ import torch_reference  # noqa: E402
 import whatif  # noqa: E402
 from inputs import random_batch  # noqa: E402
 from configs import base as base_config  # noqa: E402
-from fape_jax import train_lib  # noqa: E402
+from fape_jax import model_state  # noqa: E402
+from fape_jax.models import bands  # noqa: E402
 from fape_jax.models import lora_moe  # noqa: E402
 
 
@@ -93,7 +94,7 @@ from fape_jax.models import lora_moe  # noqa: E402
 def test_torch_lowpass_matches_the_jax_band_filter(grid):
   h, w = grid
   x = np.random.default_rng(h * w).normal(size=(2, h * w, 6)).astype(np.float32)
-  want = lora_moe.BandFilter("fft2d", 0.094).lowpass(jnp.asarray(x), grid)
+  want = bands.BandFilter("fft2d", 0.094).lowpass(jnp.asarray(x), grid)
   got = torch_reference.lowpass(torch.from_numpy(x), grid, 0.094).numpy()
   np.testing.assert_allclose(got, np.asarray(want), atol=1e-5)
 
@@ -101,7 +102,7 @@ def test_torch_lowpass_matches_the_jax_band_filter(grid):
 @pytest.mark.parametrize("grid", [(12, 12), (6, 10), (5, 7)])
 def test_whatif_matmul_lowpass_is_the_same_operator_as_the_fft_one(grid):
   h, w = grid
-  band = lora_moe.BandFilter("fft2d", 0.094)
+  band = bands.BandFilter("fft2d", 0.094)
   x = jnp.asarray(np.random.default_rng(h + w).normal(size=(2, h * w, 5)).astype(np.float32))
   np.testing.assert_allclose(whatif.lowpass_matmul(band, x, grid), band.lowpass(x, grid),
                              atol=1e-5)
@@ -112,10 +113,10 @@ def test_whatif_matmul_lowpass_is_the_same_operator_as_the_fft_one(grid):
 
 
 def test_whatif_change_is_undone_after_tracing():
-  original = lora_moe.BandFilter.lowpass
+  original = bands.BandFilter.lowpass
   with whatif.applied("lowpass_matmul"):
-    assert lora_moe.BandFilter.lowpass is whatif.lowpass_matmul
-  assert lora_moe.BandFilter.lowpass is original
+    assert bands.BandFilter.lowpass is whatif.lowpass_matmul
+  assert bands.BandFilter.lowpass is original
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def tiny():
 
 def test_torch_executor_adapts_the_same_layers_with_the_same_parameter_counts(tiny):
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  gen = train_lib.build_generator(tiny, nnx.Rngs(0))
+  gen = model_state.build_generator(tiny, nnx.Rngs(0))
   ref = torch_reference.TorchExecutor(tiny)
   assert sorted(ref.adapted) == sorted(gen.adapted)
   counts = lora_moe.parameter_counts(gen)

@@ -139,6 +139,7 @@ def _run_local(*args, timeout=120):
   return proc, time.monotonic() - start
 
 
+@pytest.mark.slow
 def test_two_processes_join_reduce_and_compare():
   proc, _ = _run_local("--mode=check")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -165,6 +166,7 @@ def test_two_processes_join_reduce_and_compare():
         "'shard-1 sha=bbb' (process 0: 'shard-1 sha=aaa'); rebuild the store")
 
 
+@pytest.mark.slow
 def test_one_failing_process_stops_the_others_and_the_launcher_fails():
   proc, wall = _run_local("--mode=fail_one", timeout=90)
   assert proc.returncode == 3, proc.stderr[-3000:]
@@ -174,6 +176,7 @@ def test_one_failing_process_stops_the_others_and_the_launcher_fails():
   assert wall < 45, wall
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_is_a_fape_error_not_an_abort():
   with socket.socket() as s:  # A port that nothing listens on once closed.
     s.bind(("127.0.0.1", 0))

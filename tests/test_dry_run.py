@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocess runs: `make test`, not `make test-fast`
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIB = 2**30
 # diffusers' stabilityai/stable-diffusion-2-1: UNet2DConditionModel 865,910,724 parameters,

@@ -27,7 +27,7 @@ from fape_jax import evaluate_lib
 from fape_jax import metrics as metrics_lib
 from fape_jax import restore_lib
 from fape_jax import sharding as shard_lib
-from fape_jax import train_lib
+from fape_jax import model_state
 from fape_jax.data import degrade
 from fape_jax.errors import FapeError
 from fape_jax.models import lpips as lpips_lib
@@ -39,7 +39,7 @@ def write_identity_run(workdir, data_dir):
   cfg = base.get_config("tiny")
   cfg.data.data_dir = str(data_dir)
   mesh = shard_lib.make_mesh(cfg.mesh.axes, (1, 1), jax.devices()[:1])
-  state, _, _ = train_lib.create_state(cfg, mesh)
+  state, _, _ = model_state.create_state(cfg, mesh)
   state["gen"]["params"] = nnx.from_flat_state([
       (p, v.replace(v.get_value() * 0) if p[:2] == ("unet", "conv_out") else v)
       for p, v in nnx.to_flat_state(state["gen"]["params"])])

@@ -8,6 +8,7 @@ from flax import nnx
 
 from fape_jax import losses
 from fape_jax.errors import FapeError
+from fape_jax.models import bands
 from fape_jax.models import lora_moe
 
 CTX = 6  # context (projected plan token) width of the toy model
@@ -142,7 +143,7 @@ def _sinusoid(h, w, fy, fx, c=2):
 
 
 def test_fft2d_split_sums_to_input_and_respects_cutoff():
-  band = lora_moe.BandFilter("fft2d", cutoff=0.125)
+  band = bands.BandFilter("fft2d", cutoff=0.125)
   h, w = 32, 16
   x = jax.random.normal(jax.random.key(0), (2, h * w, 5))
   low, high = band.split(x, (h, w))
@@ -160,10 +161,10 @@ def test_fft2d_split_sums_to_input_and_respects_cutoff():
 
 
 def test_fft2d_lowpass_equals_direct_circular_convolution():
-  band = lora_moe.BandFilter("fft2d", cutoff=0.094)
+  band = bands.BandFilter("fft2d", cutoff=0.094)
   h, w = 12, 9  # non-square, odd width: catches axis and rfft-length mix-ups
   x = np.asarray(jax.random.normal(jax.random.key(1), (1, h, w, 3)), np.float64)
-  kernel = np.fft.irfft2(lora_moe.gaussian_transfer(h, w, 0.094).astype(np.float64), s=(h, w))
+  kernel = np.fft.irfft2(bands.gaussian_transfer(h, w, 0.094).astype(np.float64), s=(h, w))
   direct = np.zeros_like(x)
   for m in range(h):  # y[i, j] = sum_mn k[m, n] x[(i - m) % h, (j - n) % w]
     for n in range(w):
@@ -174,10 +175,10 @@ def test_fft2d_lowpass_equals_direct_circular_convolution():
 
 
 def test_fir1d_is_the_authors_gaussian_along_tokens():
-  taps = lora_moe.fir_taps(9, 2.0)
+  taps = bands.fir_taps(9, 2.0)
   assert taps.shape == (9,) and taps.sum() == pytest.approx(1.0)
   assert taps[4] == pytest.approx(1 / np.exp(-np.arange(-4, 5) ** 2 / 8).sum())
-  band = lora_moe.BandFilter("fir1d")
+  band = bands.BandFilter("fir1d")
   x = np.asarray(jax.random.normal(jax.random.key(2), (2, 30, 3)))
   low, high = band.split(jnp.asarray(x), (5, 6))
   want = np.stack([np.stack([np.convolve(x[b, :, c], taps, "same") for c in range(3)], -1)
@@ -187,12 +188,12 @@ def test_fir1d_is_the_authors_gaussian_along_tokens():
 
 
 def test_token_grid_follows_ceil_downsampling():
-  assert lora_moe.token_grid(13 * 11, (13, 11)) == (13, 11)
-  assert lora_moe.token_grid(7 * 6, (13, 11)) == (7, 6)
-  assert lora_moe.token_grid(4 * 3, (13, 11)) == (4, 3)
-  assert lora_moe.token_grid(1, (13, 11)) == (1, 1)
+  assert bands.token_grid(13 * 11, (13, 11)) == (13, 11)
+  assert bands.token_grid(7 * 6, (13, 11)) == (7, 6)
+  assert bands.token_grid(4 * 3, (13, 11)) == (4, 3)
+  assert bands.token_grid(1, (13, 11)) == (1, 1)
   with pytest.raises(FapeError, match="context_patterns"):
-    lora_moe.token_grid(77, (13, 11))
+    bands.token_grid(77, (13, 11))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def test_token_grid_follows_ceil_downsampling():
 
 
 def test_spectral_prior_reads_band_energy():
-  band = lora_moe.BandFilter("fft2d")
+  band = bands.BandFilter("fft2d")
   h, w = 32, 32
   smooth = _sinusoid(h, w, 0.0, 1 / 32)  # gain 0.926: e_low / e_high = (0.926 / 0.074)^2
   checker = _sinusoid(h, w, 0.5, 0.5)  # gain ~1e-17
@@ -332,7 +333,7 @@ def test_wrapper_output_and_freq_term_match_the_formula():
   np.testing.assert_allclose(routing, a, atol=1e-6)
   want = layer.base(x) + a[:, None, 0:1] * y0 + a[:, None, 1:2] * y1
   np.testing.assert_allclose(out, want, atol=1e-5)
-  np.testing.assert_allclose(freq, losses.band_leakage(
+  np.testing.assert_allclose(freq, bands.band_leakage(
       y0, y1, lambda t: layer.band.lowpass(t, (4, 3))), rtol=1e-5)
   assert float(freq) > 0
 

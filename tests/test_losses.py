@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from fape_jax import losses
-from fape_jax.models import lora_moe
+from fape_jax.models import bands
 
 H, W = 16, 16
 
@@ -19,20 +19,20 @@ def _wave(fy, fx, c=4):
 
 @pytest.mark.parametrize("mode", ["fft2d", "fir1d"])
 def test_band_leakage_is_zero_in_band_and_grows_with_leaks(mode):
-  band = lora_moe.BandFilter(mode)
+  band = bands.BandFilter(mode)
   lowpass = lambda y: band.lowpass(y, (H, W))  # noqa: E731
   # In band: a constant for the low expert, the Nyquist checkerboard for the high expert.
   y_low = 0.7 * jnp.ones((1, H * W, 4))
   y_high = _wave(0.5, 0.5) if mode == "fft2d" else _wave(0.0, 0.5)
-  clean = float(losses.band_leakage(y_low, y_high, lowpass))
+  clean = float(bands.band_leakage(y_low, y_high, lowpass))
   # FIR zero-padding leaks a little at the sequence ends; the FFT filter is circular (exact).
   assert clean < (1e-10 if mode == "fft2d" else 0.05)
   previous = clean
   for amount in (0.1, 0.3, 1.0):  # the low expert picks up high frequencies
-    leaky = float(losses.band_leakage(y_low + amount * y_high, y_high, lowpass))
+    leaky = float(bands.band_leakage(y_low + amount * y_high, y_high, lowpass))
     assert leaky > previous + 0.005
     previous = leaky
-  swapped = float(losses.band_leakage(y_high, y_low, lowpass))  # both experts out of band
+  swapped = float(bands.band_leakage(y_high, y_low, lowpass))  # both experts out of band
   assert swapped > 0.4
 
 

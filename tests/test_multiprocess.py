@@ -22,6 +22,8 @@ import pytest
 
 from fape_jax import run_log
 
+pytestmark = pytest.mark.slow  # subprocess runs: `make test`, not `make test-fast`
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 ARGS = [f"--config.total_steps={STEPS}", "--config.log_every=1", "--config.ckpt_every=2",
@@ -99,11 +101,11 @@ def _checkpoint_mesh(workdir: str, step: int) -> list:
 def data_dir(tmp_path_factory):
   """The pairs and plan stores, built once here so that the runs below only read them."""
   from configs import base
-  from fape_jax import train_lib
+  from fape_jax import train_data
   d = tmp_path_factory.mktemp("data")
   c = base.get_config("tiny")
   c.data.data_dir = str(d)
-  train_lib.prepare_data(c)
+  train_data.prepare_data(c)
   return str(d)
 
 

@@ -11,6 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 from scipy import ndimage
 
+from fape_jax import sharding as sharding_lib
 from fape_jax import tasks as tasks_lib
 from fape_jax.data import pairs
 from fape_jax.data import pipeline
@@ -215,8 +216,10 @@ def test_global_array_per_step():
   sharding = NamedSharding(mesh, P("data"))
   batch = next(pipeline.train_iterator(FakeSource(16), FakePlans(), crop=8, batch_size=8,
                                        process_index=0, process_count=1))
-  g = pipeline.make_global(batch, sharding)
-  for k, v in batch.items():
+  g = sharding_lib.global_batch(batch, sharding)
+  assert set(g) == set(batch) & set(sharding_lib.DEVICE_KEYS) and "degraded" in g
+  for k in g:
+    v = batch[k]
     assert isinstance(g[k], jax.Array) and g[k].shape == v.shape
     assert len(g[k].addressable_shards) == len(jax.devices())
     np.testing.assert_array_equal(np.asarray(g[k]), v)

@@ -143,6 +143,7 @@ def test_resume_after_interruption_writes_no_duplicates(data_dir, tmp_path):
             shard_index=0, num_shards=1)
 
 
+@pytest.mark.slow
 def test_cli(data_dir, tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   base = [sys.executable, "-m", "fape_jax.plan_cache", "--config=configs/plan_cache.py",

@@ -25,7 +25,7 @@ from fape_jax import checkpoint as ckpt_lib
 from fape_jax import restore_lib
 from fape_jax import sharding as shard_lib
 from fape_jax import tiling
-from fape_jax import train_lib
+from fape_jax import model_state
 from fape_jax.errors import FapeError
 from fape_jax.planning import hints as hints_lib
 
@@ -39,7 +39,7 @@ def write_identity_run(workdir, data_dir):
   # Written from one device (compiling the init for 8 fake devices costs a minute on 2 cores);
   # restoring onto 8 and 2 devices below also shows a checkpoint follows the current devices.
   mesh = shard_lib.make_mesh(cfg.mesh.axes, (1, 1), jax.devices()[:1])
-  state, _, _ = train_lib.create_state(cfg, mesh)
+  state, _, _ = model_state.create_state(cfg, mesh)
   flat = []
   for path, var in nnx.to_flat_state(state["gen"]["params"]):
     if path[:2] == ("unet", "conv_out"):
@@ -281,6 +281,7 @@ def test_bad_paths_and_formats_are_clear(formats, restorer, run, tmp_path):
   assert report.exit_code == 1 and "16-bit" in report.failed[str(d / "deep.png")]
 
 
+@pytest.mark.slow
 def test_cli_restores_a_folder_with_a_corrupt_file(formats, run, tmp_path):
   d = formats
   src = tmp_path / "in"

@@ -19,6 +19,8 @@ from configs import base
 from fape_jax import checkpoint as ckpt_lib
 from fape_jax import run_log
 from fape_jax.tasks import TASKS
+from fape_jax import model_state
+from fape_jax import sharding
 from fape_jax import train_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,9 +102,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(full_run, data_dir, tm
       with open(os.path.join(root, name), "r+b") as f:
         f.truncate(0)
   config = tiny_config(data_dir)
-  mesh = train_lib.shard_lib.make_mesh(config.mesh.axes, config.mesh.shape)
-  abstract, _ = train_lib.abstract_state(config)
-  target = train_lib._as_abstract(abstract, train_lib.state_shardings(abstract, mesh, config))
+  mesh = sharding.make_mesh(config.mesh.axes, config.mesh.shape)
+  abstract, _ = model_state.abstract_state(config)
+  target = model_state.restore_target(abstract, model_state.state_shardings(abstract, mesh, config),
+                                      config)
   ckpt = ckpt_lib.Checkpointer(os.path.join(broken, "checkpoints"), save_every=3, keep=3)
   with caplog.at_level("WARNING"):
     step, state = ckpt.restore(target)
@@ -111,6 +114,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(full_run, data_dir, tm
   assert "could not be restored" in caplog.text
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_complete_checkpoint_and_exits_143(data_dir, tmp_path):
   workdir = str(tmp_path / "preempted")
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",

@@ -7,8 +7,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs import base
+from fape_jax import model_state
 from fape_jax import sharding as shard_lib
-from fape_jax import train_lib
+from fape_jax import steps
+from fape_jax.models.paths import path_str
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +22,9 @@ def setup():
   c.model.residual = False
   c.data.batch_size = 8
   mesh = shard_lib.make_mesh(c.mesh.axes, c.mesh.shape)
-  state, shardings, models = train_lib.create_state(c, mesh)
+  state, shardings, models = model_state.create_state(c, mesh)
   bsh = shard_lib.batch_sharding(mesh, c.data_axes)
-  step = train_lib.make_train_step(models, c, shardings, bsh)
+  step = steps.make_train_step(models, c, shardings, bsh)
   rng = np.random.default_rng(0)
   k, d = c.plans.encoder.max_tokens, c.plans.dim
   mask = np.arange(k)[None] < rng.integers(1, k + 1, (8, 1))
@@ -35,14 +37,14 @@ def setup():
 
 
 def specs(tree):
-  return {shard_lib.path_str(p): v.get_value().sharding.spec for p, v in nnx.to_flat_state(tree)}
+  return {path_str(p): v.get_value().sharding.spec for p, v in nnx.to_flat_state(tree)}
 
 
 def test_partition_specs_of_named_parameters(setup):
   _, _, state, _, _ = setup
   frozen, trainable = specs(state["gen"]["frozen"]), specs(state["gen"]["params"])
-  attn = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1"
-  # Frozen base: dense and conv kernels sharded over fsdp on their output dim (16 % 4 == 0).
+  attn = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1"
+  # Frozen base: dense and conv kernels sharded over fsdp on their output dim (32, 16 % 4 == 0).
   assert frozen[f"{attn}.to_q.base.kernel"] == P(None, "fsdp")
   assert frozen["unet.down_blocks.0.resnets.0.conv1.kernel"] == P(None, None, None, "fsdp")
   assert frozen["unet.time_embedding.linear_1.kernel"] == P(None, "fsdp")
@@ -61,7 +63,8 @@ def test_one_step_runs_without_recompiling_and_keeps_the_base_frozen(setup):
   frozen_before = jax.device_get(state["gen"]["frozen"])
   params_before = jax.device_get(state["gen"]["params"])
   state, metrics = step(state, batch)
-  state, metrics = step(state, batch)  # chex.assert_max_traces(n=1) raises on a retrace
+  state, metrics = step(state, batch)  # compiled ahead of time: never traced again
+  assert step.compiled is not None and step.compile_seconds > 0
   assert np.isfinite(float(metrics["loss"]))
   assert int(state["step"]) == 2
   frozen_after = jax.device_get(state["gen"]["frozen"])
@@ -74,6 +77,9 @@ def test_one_step_runs_without_recompiling_and_keeps_the_base_frozen(setup):
   # The state keeps its shardings through the donated step.
   assert state["gen"]["frozen"]["unet"]["conv_in"]["kernel"].get_value().sharding.spec == \
       P(None, None, None, "fsdp")
+  # A batch of another shape is refused by the compiled step instead of silently recompiling.
+  with pytest.raises((TypeError, ValueError)):
+    step(state, {k: v[:, :16, :16] if v.ndim == 4 else v for k, v in batch.items()})
 
 
 def test_init_from_exported_adapters_loads_them_and_rejects_other_shapes(tmp_path):
@@ -83,7 +89,7 @@ def test_init_from_exported_adapters_loads_them_and_rejects_other_shapes(tmp_pat
   c = base.get_config("tiny")
   c.train_base_unet = False
   mesh = shard_lib.make_mesh(("data", "fsdp"), (2, 4))
-  state, shardings, models = train_lib.create_state(c, mesh)
+  state, shardings, models = model_state.create_state(c, mesh)
   gen = nnx.merge(models.gen_def, state["gen"]["params"], state["gen"]["frozen"])
   path = tmp_path / "adapters.safetensors"
   adapters_io.save_adapters(gen, path)
@@ -91,8 +97,8 @@ def test_init_from_exported_adapters_loads_them_and_rejects_other_shapes(tmp_pat
   shifted = {k: np.asarray(v + 1.0, v.dtype) for k, v in saved.items()}
   st_np.save_file(shifted, str(path))
   c.init_from = str(path)
-  loaded = train_lib.init_from_pretrained(state, shardings, c)
-  got = {shard_lib.path_str(p): np.asarray(v.get_value())
+  loaded = model_state.init_from_pretrained(state, shardings, c)
+  got = {path_str(p): np.asarray(v.get_value())
          for p, v in nnx.to_flat_state(loaded["gen"]["params"])}
   assert got.keys() >= shifted.keys()
   for k, v in shifted.items():
@@ -102,4 +108,4 @@ def test_init_from_exported_adapters_loads_them_and_rejects_other_shapes(tmp_pat
   shifted[name] = np.zeros(shifted[name].shape + (2,), np.float32)
   st_np.save_file(shifted, str(path))
   with pytest.raises(FapeError, match="another shape"):
-    train_lib.init_from_pretrained(state, shardings, c)
+    model_state.init_from_pretrained(state, shardings, c)

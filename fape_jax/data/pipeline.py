@@ -207,14 +207,5 @@ def eval_dataset(source, plans=None, *, batch_size: int = 1, process_index: int 
   return ds.batch(batch_size, batch_fn=functools.partial(_stack, split=name))
 
 
-def make_global(batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict:
-  """Numeric fields -> global jax.Arrays sharded along the batch axis; strings stay numpy."""
-  out = {}
-  for k, v in batch.items():
-    v = np.asarray(v)
-    out[k] = v if v.dtype.kind in "USO" else jax.make_array_from_process_local_data(sharding, v)
-  return out
-
-
 def steps_per_epoch(num_pairs: int, batch_size: int) -> int:
   return num_pairs // batch_size

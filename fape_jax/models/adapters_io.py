@@ -25,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 
 from fape_jax.errors import FapeError
 from fape_jax.models import lora_moe
-from fape_jax.sharding import path_str
+from fape_jax.models.paths import path_str
 
 FORMAT = "fape_jax.adapters/1"
 

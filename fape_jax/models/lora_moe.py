@@ -28,7 +28,7 @@ a static attribute for the same reason as the inputs (it shapes reshapes: a Pyth
 
 Each MoE wrapper computes
   out = base(x) + sum_i a_i * s_i * B_i A_i x_i,   x_0 = L(x), x_1 = x - L(x),   s_i = alpha / r_i,
-with `a` the routing weights. Band split (`BandFilter`):
+with `a` the routing weights. Band split (`bands.BandFilter`):
   * 'fft2d' (default): Gaussian low-pass on the H x W token grid, transfer 2^(-(f/cutoff)^2) (half
     gain at `cutoff` cycles per token step) applied with `jnp.fft.rfft2`, i.e. circular.
   * 'fir1d': the authors' 9-tap Gaussian FIR (sigma 2) along the flattened token axis, zero 'same'
@@ -61,7 +61,6 @@ uniform and training moves it):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import re
 from typing import Any, Iterator, Mapping, Sequence
@@ -72,9 +71,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from fape_jax import losses
 from fape_jax.errors import FapeError
-from fape_jax.sharding import path_str
+from fape_jax.models.bands import BandFilter, band_leakage, token_grid
+from fape_jax.models.paths import path_str
 
 
 class AdapterParam(nnx.Param):
@@ -206,78 +205,6 @@ def check_lora_config(config: Mapping[str, Any] | ml_collections.ConfigDict
       except (re.error, TypeError) as e:
         raise FapeError(f"lora config.{field}: {p!r} is not a valid regex ({e}).") from None
   return ml_collections.FrozenConfigDict(c)
-
-
-# ------------------------------------------------------------------------------------------------
-# Band split.
-
-
-def gaussian_transfer(h: int, w: int, cutoff: float) -> np.ndarray:
-  """rfft2-shaped (h, w // 2 + 1) Gaussian transfer function, 0.5 at `cutoff` cycles per step."""
-  fy = np.fft.fftfreq(h)[:, None]
-  fx = np.fft.rfftfreq(w)[None, :]
-  return np.exp2(-(fy ** 2 + fx ** 2) / cutoff ** 2).astype(np.float32)
-
-
-def fir_taps(taps: int, sigma: float) -> np.ndarray:
-  """The normalised Gaussian FIR of the authors' code (9 taps, sigma 2 by default)."""
-  n = np.arange(taps) - taps // 2
-  k = np.exp(-n ** 2 / (2.0 * sigma ** 2))
-  return (k / k.sum()).astype(np.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class BandFilter:
-  """The fixed low-pass L of the band split (and of the frequency loss); H = I - L.
-
-  `lowpass` takes tokens (B, L, C) laid out row-major on a grid (h, w), h * w == L, and returns
-  float32. Frozen (hashable), so it can sit in a module's static attributes.
-  """
-  mode: str = "fft2d"
-  cutoff: float = 0.094
-  taps: int = 9
-  sigma: float = 2.0
-
-  @classmethod
-  def from_config(cls, config) -> "BandFilter":
-    return cls(config.band_mode, float(config.cutoff), int(config.fir_taps),
-               float(config.fir_sigma))
-
-  def lowpass(self, tokens: jax.Array, grid: tuple[int, int]) -> jax.Array:
-    x = tokens.astype(jnp.float32)
-    b, n, c = x.shape
-    h, w = grid
-    if h * w != n:
-      raise FapeError(f"band split: {n} tokens do not fill a {h} x {w} grid.")
-    if self.mode == "fft2d":
-      spec = jnp.fft.rfft2(x.reshape(b, h, w, c), axes=(1, 2))
-      spec = spec * gaussian_transfer(h, w, self.cutoff)[None, :, :, None]
-      return jnp.fft.irfft2(spec, s=(h, w), axes=(1, 2)).reshape(b, n, c)
-    # 'fir1d': depthwise 'same' convolution along the token axis.
-    kernel = jnp.broadcast_to(fir_taps(self.taps, self.sigma)[:, None, None], (self.taps, 1, c))
-    return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(1,), padding="SAME", feature_group_count=c,
-        dimension_numbers=("NWC", "WIO", "NWC"))
-
-  def split(self, tokens: jax.Array, grid: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
-    """(x_low, x_high) in float32 with x_low + x_high == x."""
-    low = self.lowpass(tokens, grid)
-    return low, tokens.astype(jnp.float32) - low
-
-
-def token_grid(num_tokens: int, input_hw: Sequence[int]) -> tuple[int, int]:
-  """The (h, w) grid of `num_tokens` tokens at some UNet depth k: (ceil(H / 2^k), ceil(W / 2^k))."""
-  h, w = int(input_hw[0]), int(input_hw[1])
-  k = 0
-  while True:
-    hk, wk = -(-h // 2 ** k), -(-w // 2 ** k)
-    if hk * wk == num_tokens:
-      return hk, wk
-    if hk * wk < num_tokens or (hk == 1 and wk == 1):
-      raise FapeError(f"An adapted layer got {num_tokens} tokens, which is no downsampled grid of "
-                      f"the {h} x {w} UNet input (ceil(H / 2^k) x ceil(W / 2^k)). Is this layer's "
-                      "input the plan context? Then add its path to lora config.context_patterns.")
-    k += 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -459,7 +386,7 @@ class LoRAMoE(nnx.Module):
     if not self.context_input:
       out_grid = (y0.shape[1], y0.shape[2]) if y0.ndim == 4 else grid
       flat = lambda a: a.reshape(a.shape[0], -1, a.shape[-1])  # noqa: E731
-      self.aux_freq.set_value(losses.band_leakage(
+      self.aux_freq.set_value(band_leakage(
           flat(y0), flat(y1), lambda t: self.band.lowpass(t, out_grid)))
     return out
 

@@ -17,12 +17,13 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 from tqdm import tqdm
 
 from fape_jax.errors import FapeError
-from fape_jax.planning.encoders import build_encoder
-from fape_jax.planning.planners import build_planner
+from fape_jax.planning.encoders import MLLM_TEMPLATE, build_encoder
+from fape_jax.planning.planners import DEFAULT_MODEL, build_planner
 from fape_jax.planning.store import PlanStore, PlanStoreWriter
 from fape_jax.tasks import FOCUS, TASK_ID, TASKS
 
@@ -33,14 +34,64 @@ _PLANNER_KEYS = ("kind", "model", "max_new_tokens", "temperature", "top_p", "ret
 _ENCODER_KEYS = ("kind", "model", "max_tokens", "dtype", "template")
 
 
+def plans_config(kind: str = "rule") -> ml_collections.ConfigDict:
+  """The plan settings: planner, encoder, store, batching. The one definition both configs use:
+  training's `config.plans` and the plan-cache job's config (which adds the `pairs` to plan).
+
+  kind "rule": the rule planner + the bundled MiniLM (384-d), K = 32, float16 (embedded default);
+  kind "hf": Qwen2.5-VL-7B-Instruct plans and encodes (3584-d last hidden states), K = 64, bf16.
+  """
+  if kind not in ("rule", "hf"):
+    raise FapeError(f"Unknown plans kind {kind!r}; choose rule or hf.")
+  c = ml_collections.ConfigDict()
+  c.planner = ml_collections.ConfigDict(dict(
+      kind="rule",              # rule | hf
+      model="",                 # hf: local folder or HF id in the local cache ("" = Qwen2.5-VL-7B)
+      device="auto",            # auto | cpu | cuda[:i]
+      batch_size=4,             # images per generate() call
+      max_new_tokens=512,
+      temperature=0.7,
+      top_p=0.9,
+      retry_temperatures=(0.2, 0.5),   # re-prompts of unusable answers, then the rule fallback
+      seed=0,
+      image_max_side=1024,      # the image the MLLM sees is downscaled to this long side
+  ))
+  c.encoder = ml_collections.ConfigDict(dict(
+      kind="text",              # text (sentence encoder, default bundled MiniLM) | mllm
+      model="",                 # text: local HF folder ("" = MiniLM); mllm: "" = the planner's
+      max_tokens=32,            # K: longer plans are truncated, shorter ones padded + masked
+      dtype="float16",          # float16 | bfloat16
+      device="auto",
+      batch_size=32,            # rows per forward, always full (encoders.py): = batch_size below
+      template=MLLM_TEMPLATE,   # mllm: the conversation the plan is wrapped in
+  ))
+  # "" = <data_dir>/plans/<name>-<planner>-<encoder>-K<K> (where training looks).
+  c.store = ml_collections.ConfigDict(dict(path="", records_per_file=1024))
+  c.batch_size = 32             # records planned and encoded per step
+  c.limit = 0                   # >0: only the first `limit` records of each split (quick runs)
+  c.progress = True             # tqdm progress bar
+  if kind == "hf":
+    c.planner.kind = "hf"
+    c.planner.model = DEFAULT_MODEL
+    c.encoder.kind = "mllm"
+    c.encoder.max_tokens = 64
+    c.encoder.dtype = "bfloat16"
+    c.encoder.batch_size = 8
+    c.batch_size = 16
+  return c
+
+
 def default_store_path(data_dir: str, name: str, planner: str, encoder: str, k: int) -> str:
-  """Where training looks for the plans of pairs store `name` (configs/base.py, plans.store_dir)."""
+  """Where training looks for the plans of pairs store `name`."""
   return os.path.join(data_dir, "plans", f"{name}-{planner}-{encoder}-K{k}")
 
 
-def store_path(config) -> str:
+def store_path(config, pairs=None) -> str:
+  """The plan store of `config` (plan settings) for the pairs store `pairs` (default
+  `config.pairs`)."""
+  pairs = config.pairs if pairs is None else pairs
   return config.store.path or default_store_path(
-      config.pairs.data_dir, config.pairs.name, config.planner.kind, config.encoder.kind,
+      pairs.data_dir, pairs.name, config.planner.kind, config.encoder.kind,
       config.encoder.max_tokens)
 
 
@@ -70,10 +121,9 @@ def resolve_shards(shard_index: int | None, num_shards: int | None) -> tuple[int
   return shard_index, num_shards
 
 
-def _open_sources(config) -> dict[str, Sequence]:
+def _open_sources(pairs) -> dict[str, Sequence]:
   from fape_jax.data.pairs import open_pairs  # the data side; imported only when needed
-  return {s: open_pairs(config.pairs.data_dir, config.pairs.name, s, config.pairs)
-          for s in config.pairs.splits}
+  return {s: open_pairs(pairs.data_dir, pairs.name, s, pairs) for s in pairs.splits}
 
 
 def summarize(store: PlanStore, labels: Mapping[str, Mapping[str, str]]) -> dict:
@@ -148,20 +198,23 @@ def format_summary(summary: Mapping) -> str:
   return "\n".join(lines)
 
 
-def run(config, *, shard_index: int | None = None, num_shards: int | None = None,
+def run(config, *, pairs=None, shard_index: int | None = None, num_shards: int | None = None,
         sources: Mapping[str, Sequence] | None = None) -> dict:
   """Plans and encodes this shard's records into the plan store; returns the summary.
 
+  `config` holds the plan settings (`plans_config`'s fields: training passes its `config.plans`
+  as it is); `pairs` names the pairs store (default `config.pairs`, the plan-cache job's config).
   `sources` maps split -> random-access pairs (records with "id", "degraded", "task"); by default
-  the pairs store named by `config.pairs`. Records i with i % num_shards == shard_index are this
+  the splits of that pairs store. Records i with i % num_shards == shard_index are this
   shard's. Returns the summary of this shard's records (resumed ones included) plus "store" (its
   path), "written" (records planned now) and "shard".
   """
   shard_index, num_shards = resolve_shards(shard_index, num_shards)
   if config.batch_size < 1:
     raise FapeError(f"--config.batch_size must be >= 1; got {config.batch_size}.")
-  sources = dict(sources) if sources is not None else _open_sources(config)
-  path = store_path(config)
+  pairs = config.pairs if pairs is None else pairs
+  sources = dict(sources) if sources is not None else _open_sources(pairs)
+  path = store_path(config, pairs)
   planner = build_planner(config.planner)
   encoder = build_encoder(config.encoder,
                           planner_model=planner.model_id if planner.name == "hf" else "")
@@ -169,7 +222,7 @@ def run(config, *, shard_index: int | None = None, num_shards: int | None = None
       "planner": planner.name, "model_id": planner.model_id,
       "encoder": encoder.name, "encoder_model": encoder.model_id, "K": encoder.max_tokens,
       "D": encoder.dim, "dtype": config.encoder.dtype, "config_hash": config_hash(config),
-      "pairs": config.pairs.name,
+      "pairs": pairs.name,
   }
   writer = PlanStoreWriter(path, settings, shard_index=shard_index,
                            records_per_file=config.store.records_per_file)

@@ -1,0 +1,98 @@
+"""Training data set-up: the pairs store (train / validation), the plan store joined to it by id,
+and their Grain iterators. Process 0 builds what is missing (the embedded default's synthetic
+pairs and its rule-planner plans); every process then opens the same stores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from etils import epath
+
+from fape_jax import distributed
+from fape_jax.distributed import say
+from fape_jax.data import pairs
+from fape_jax.data import pipeline
+from fape_jax.errors import FapeError
+
+
+def open_plans(config, sources: dict) -> Any:
+  """Opens (building it first, when allowed and missing) the plan store for `sources`."""
+  from fape_jax.planning import job, store  # pylint: disable=g-import-not-at-top (torch side)
+  pc = config.plans   # the plan-cache job's own settings block (configs/base.py)
+  path = job.store_path(pc, config.data)
+  ids = [s[i]["id"] for s in sources.values() for i in range(len(s))]
+  if distributed.is_main_process():
+    complete = False
+    if epath.Path(path, store.MANIFEST).exists():
+      complete = not store.PlanStore(path).missing(ids)
+    if not complete:
+      if not config.plans.build_if_missing:
+        raise FapeError(f"No complete plan store at {path}. Build it first: python -m "
+                        "fape_jax.plan_cache --config=configs/plan_cache.py (see launch/ for "
+                        "clusters), or set --config.plans.store.path.")
+      say(f"Planning {len(ids)} images with the {pc.planner.kind} planner and the "
+          f"{pc.encoder.kind} encoder into {path} (first run only)...")
+      job.run(pc, pairs=config.data, shard_index=0, num_shards=1, sources=sources)
+  distributed.barrier("plan_store_ready")
+  plans = store.open_plan_store(path, expect={"config_hash": job.config_hash(pc)},
+                                require_ids=ids)
+  if plans.d != config.plans.dim:
+    raise FapeError(f"The plan store at {path} holds {plans.d}-d tokens but config.plans.dim="
+                    f"{config.plans.dim}; set --config.plans.dim={plans.d}.")
+  distributed.assert_same_across_processes("plan store manifest", plans.manifest)
+  return plans
+
+
+@dataclasses.dataclass
+class TrainData:
+  """The training and validation pairs, the plans joined to them, and their iterators."""
+  config: Any
+  train: Any
+  val: Any
+  plans: Any
+
+  def train_iterator(self):
+    d = self.config.data
+    return pipeline.train_iterator(
+        self.train, self.plans, crop=d.crop, batch_size=d.batch_size, seed=self.config.seed,
+        read_threads=d.read_threads, prefetch=d.prefetch)
+
+  def eval_batches(self, local_batch: int, limit: int = 0):
+    source = self.val if not limit else _Head(self.val, limit)
+    return pipeline.eval_dataset(source, self.plans, batch_size=local_batch, split="validation")
+
+
+class _Head:
+  """The first `n` records of a source (quick validation in tests and short runs)."""
+
+  def __init__(self, source, n: int):
+    self._source, self._n = source, min(n, len(source))
+    self.split = getattr(source, "split", "")
+
+  def __len__(self):
+    return self._n
+
+  def __getitem__(self, i):
+    if not 0 <= i < self._n:
+      raise IndexError(i)
+    return self._source[i]
+
+
+def prepare_data(config) -> TrainData:
+  """Builds what is missing (process 0), then opens the pairs and plan stores on every process."""
+  d = config.data
+  if distributed.is_main_process():
+    if d.name == "synthetic":
+      say(f"Pairs store: synthetic seven-task pairs in {d.data_dir} (built on first use).")
+      pairs.prepare_synthetic(d.data_dir, d, skip_bad=d.skip_bad)
+    elif d.get("manual_dir"):
+      pairs.prepare_folder(d.data_dir, d.name, d.manual_dir, skip_bad=d.skip_bad)
+  distributed.barrier("pairs_store_ready")
+  train = pairs.open_pairs(d.data_dir, d.name, "train", d)
+  val = pairs.open_pairs(d.data_dir, d.name, "validation", d)
+  plans = open_plans(config, {"train": train, "validation": val}) if config.plans.enabled \
+      else None
+  return TrainData(config, train, val, plans)
+
