@@ -5,8 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/base
 PYTEST_ARGS ?=
-# Two pytest workers: most test time is XLA compilation, which runs on one core.
+# Two pytest workers: most test time is XLA compilation, which runs on one core. Whole files go
+# to a worker, longest first (the order tests/conftest.py gives; no reordering by test count).
 TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: setup train test test-fast clean-venv
 
@@ -24,12 +26,12 @@ train: setup
 
 # pytest exit code 5 means "no tests collected": that is a failure here, not a pass.
 test: setup
-	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest tests $(XDIST) --durations=15 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The inner loop: everything but the tests marked `slow` (CLI subprocesses, several processes).
 test-fast: setup
-	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+	$(PY) -m pytest tests $(XDIST) -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 clean-venv:

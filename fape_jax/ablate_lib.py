@@ -137,8 +137,9 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
         say(f"[ablation] {name}: finished earlier ({prev['steps']} steps), not retrained.")
         results[name] = prev
         continue
-      say(f"[ablation] {name}: its earlier result is for another config; running it again "
-          "(training resumes from its checkpoints, if any).")
+      say(f"[ablation] {name}: its earlier result is for another config; training it again "
+          "(it resumes from its checkpoints when only step counts or budgets changed; any other "
+          "change is refused: use a new --workdir).")
     say(f"[ablation] {name}: {VARIANTS[name][0]}; training {cfg.total_steps} steps in {vdir}.")
     table = train_fn(cfg, os.fspath(vdir))
     if not table:  # checkpoints already complete: validate the finished run instead

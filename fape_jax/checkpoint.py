@@ -24,6 +24,20 @@ from etils import epath
 from fape_jax.errors import FapeError
 
 
+# Orbax's replica-parallel save splits every replicated array across its replicas, each slice a
+# jitted op compiled per shape: for the many small replicated adapters and optimiser leaves that
+# costs more (seconds of compiles per save) than it saves in writing. Only slices of at least this
+# size are written replica-parallel; smaller arrays are written whole by one replica.
+MIN_REPLICA_PARALLEL_SLICE_BYTES = 1 << 20
+
+
+def _register_array_handler() -> None:
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(
+          min_slice_bytes_for_replica_parallel=MIN_REPLICA_PARALLEL_SLICE_BYTES),
+      override=True)
+
+
 class Checkpointer:
   """Save/restore the train state and the data iterator as one step."""
 
@@ -32,6 +46,7 @@ class Checkpointer:
     # Orbax wants absolute paths; cloud paths (gs://...) already are.
     self.directory = epath.Path(directory if "://" in str(directory)
                                 else os.path.abspath(directory))
+    _register_array_handler()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=max(1, save_every), create=not read_only,
         read_only=read_only)

@@ -10,6 +10,7 @@ its logging, checkpoints, validation cadence, wall-clock budget and preemption.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -24,6 +25,7 @@ from etils import epath
 from fape_jax import checkpoint as ckpt_lib
 from fape_jax import distributed
 from fape_jax import model_state
+from fape_jax import run_dir
 from fape_jax import run_log
 from fape_jax import sharding as shard_lib
 from fape_jax import steps
@@ -60,23 +62,6 @@ class Preempted(SystemExit):
   """Raised after the preemption checkpoint is safely written."""
 
 
-def _write_config(workdir: epath.Path, config) -> None:
-  """Keeps the config beside the checkpoints (restore/evaluate rebuild the model from it)."""
-  if not distributed.is_main_process():
-    return
-  path = workdir / "config.json"
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if path.exists() and path.read_text() != text:
-    old = json.loads(path.read_text())
-    new = json.loads(text)
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    logging.warning("The config differs from the one this workdir was started with (top-level "
-                    "keys %s); the run resumes with the new one. Model shape changes will fail "
-                    "to restore: use a new --workdir for those.", changed)
-    path.rename(workdir / f"config.{int(time.time())}.json")
-  path.write_text(text)
-
-
 def _host_scalars(metrics: list[dict]) -> dict:
   """Mean of a window of per-step device metrics, fetched to the host once."""
   fetched = jax.device_get(metrics)
@@ -94,14 +79,24 @@ def _check_finite(step: int, scalars: dict, last_saved: int | None) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (resuming from `workdir` if it holds checkpoints), validates, returns the last table."""
+  """Trains (resuming from `workdir` if it holds checkpoints), validates, returns the last table.
+
+  The run directory is only ever appended to: a resume whose config changes more than step
+  counts, cadences and budgets is refused before anything is written (`run_dir`), a second
+  trainer is refused by the run lock, and `config.json` is replaced once the state is restored.
+  """
   # Orbax wants absolute paths; cloud paths (gs://...) already are.
   workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
-  workdir.mkdir(parents=True, exist_ok=True)
   distributed.assert_same_across_processes("config", config.to_json_best_effort(sort_keys=True))
-  _write_config(workdir, config)
-  log = run_log.RunLog(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  with run_dir.RunLock(workdir), contextlib.ExitStack() as cleanup:
+    changes = run_dir.check_resume(workdir, config)
+    return _train(config, workdir, changes, cleanup)
 
+
+def _train(config, workdir: epath.Path, changes: dict, cleanup: contextlib.ExitStack) -> dict:
+  """The job; whatever it opens is closed by `cleanup` (in reverse order), however it ends."""
+  log = cleanup.enter_context(contextlib.closing(run_log.RunLog(workdir)))
   data = train_data.prepare_data(config)
   mesh = shard_lib.make_mesh(config.mesh.axes, config.mesh.shape)
   batch_sharding = shard_lib.batch_sharding(mesh, config.data_axes)
@@ -111,9 +106,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     f"data-parallel size {dp} (mesh {dict(mesh.shape)}).")
 
   train_iter = data.train_iterator()
-  ckpt = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every=config.ckpt_every,
-                               keep=config.keep_checkpoints)
+  ckpt = cleanup.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
+      workdir / "checkpoints", save_every=config.ckpt_every, keep=config.keep_checkpoints)))
   state, shardings, models, start = initial_state(config, mesh, ckpt, train_iter)
+  run_dir.record_config(workdir, config, changes, start)  # restore/evaluate rebuild models from it
   last_saved = start if start else None
   lpips_model = lpips_lib.maybe_load_lpips(config.lpips.vgg16_path, config.lpips.lin_path)
   step_fn = steps.make_train_step(models, config, shardings, batch_sharding, lpips_model)
@@ -127,68 +123,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step_fn.compile(state, batch)
 
   preempt = ckpt_lib.PreemptionFlag()
-  progress = _progress(start, config.total_steps)
+  cleanup.callback(preempt.restore_handlers)
+  progress = cleanup.enter_context(contextlib.closing(_progress(start, config.total_steps)))
   window, t_window, table = [], time.perf_counter(), {}
   step, last_eval = start, None
-  try:
-    while step < config.total_steps:
-      if batch is None:
-        batch = to_device(next(train_iter))
-      state, metrics = step_fn(state, batch)
-      batch = None
-      step += 1
-      window.append(metrics)
-      progress.update(1)
-      on_log = step % config.log_every == 0 or step == config.total_steps
-      on_save = step % config.ckpt_every == 0 or step == config.total_steps
-      if on_log or on_save:
-        scalars = _host_scalars(window)
+  while step < config.total_steps:
+    if batch is None:
+      batch = to_device(next(train_iter))
+    state, metrics = step_fn(state, batch)
+    batch = None
+    step += 1
+    window.append(metrics)
+    progress.update(1)
+    on_log = step % config.log_every == 0 or step == config.total_steps
+    on_save = step % config.ckpt_every == 0 or step == config.total_steps
+    if on_log or on_save:
+      scalars = _host_scalars(window)
+      _check_finite(step, scalars, last_saved)
+      if on_log:
+        dt = time.perf_counter() - t_window
+        scalars["images_per_s"] = len(window) * config.data.batch_size / max(dt, 1e-9)
+        log.scalars(step, scalars)
+        # Every process logs its own view of the (replicated) metrics: they must agree.
+        logging.info("process %d step %d metrics %s", jax.process_index(), step,
+                     json.dumps({k: scalars[k] for k in ("loss", "mse", "d_loss")}))
+        progress.set_postfix(loss=f"{scalars['loss']:.4f}",
+                             img_s=f"{scalars['images_per_s']:.1f}")
+        window, t_window = [], time.perf_counter()
+    if on_save:
+      ckpt.save(step, model_state.checkpoint_view(state, config), train_iter, force=True)
+      last_saved = step
+    if step % config.eval_every == 0 or step == config.total_steps:
+      table = validation.validate(state, eval_fn, data, config, batch_sharding, step,
+                                  workdir, log)
+      last_eval, t_window = step, time.perf_counter()
+    out_of_time = (deadline is not None and time.monotonic() > deadline) or (
+        config.get("stop_after", 0) and step - start >= config.stop_after)
+    # Agreed across processes (each reads its own clock): one stopping alone would save and
+    # exit while the others wait in their next collective.
+    preempted, out_of_time = preempt.poll(bool(out_of_time))
+    if preempted or out_of_time:
+      if last_saved != step:
+        scalars = _host_scalars(window) if window else {}
         _check_finite(step, scalars, last_saved)
-        if on_log:
-          dt = time.perf_counter() - t_window
-          scalars["images_per_s"] = len(window) * config.data.batch_size / max(dt, 1e-9)
-          log.scalars(step, scalars)
-          # Every process logs its own view of the (replicated) metrics: they must agree.
-          logging.info("process %d step %d metrics %s", jax.process_index(), step,
-                       json.dumps({k: scalars[k] for k in ("loss", "mse", "d_loss")}))
-          progress.set_postfix(loss=f"{scalars['loss']:.4f}",
-                               img_s=f"{scalars['images_per_s']:.1f}")
-          window, t_window = [], time.perf_counter()
-      if on_save:
         ckpt.save(step, model_state.checkpoint_view(state, config), train_iter, force=True)
         last_saved = step
-      if step % config.eval_every == 0 or step == config.total_steps:
-        table = validation.validate(state, eval_fn, data, config, batch_sharding, step,
-                                    workdir, log)
-        last_eval, t_window = step, time.perf_counter()
-      out_of_time = (deadline is not None and time.monotonic() > deadline) or (
-          config.get("stop_after", 0) and step - start >= config.stop_after)
-      # Agreed across processes (each reads its own clock): one stopping alone would save and
-      # exit while the others wait in their next collective.
-      preempted, out_of_time = preempt.poll(bool(out_of_time))
-      if preempted or out_of_time:
-        if last_saved != step:
-          scalars = _host_scalars(window) if window else {}
-          _check_finite(step, scalars, last_saved)
-          ckpt.save(step, model_state.checkpoint_view(state, config), train_iter, force=True)
-          last_saved = step
-        if out_of_time and not preempted:
-          distributed.say(
-              f"Stopping at step {step}: this invocation's budget is spent (max_wall_minutes="
-              f"{config.max_wall_minutes}, stop_after={config.get('stop_after', 0)}); checkpoint "
-              "saved, the same command resumes.")
-          if last_eval != step:
-            table = validation.validate(state, eval_fn, data, config, batch_sharding, step,
-                                        workdir, log)
-          break
-        logging.warning("%s received: checkpoint for step %d saved in %s; restart with the same "
-                        "--workdir to resume.", preempt.signal_name, step, ckpt.directory)
-        raise Preempted(PREEMPTED_EXIT.get(preempt.signal_name or "SIGTERM", 143))
-  finally:
-    progress.close()
-    preempt.restore_handlers()
-    ckpt.close()
-    log.close()
+      if out_of_time and not preempted:
+        distributed.say(
+            f"Stopping at step {step}: this invocation's budget is spent (max_wall_minutes="
+            f"{config.max_wall_minutes}, stop_after={config.get('stop_after', 0)}); checkpoint "
+            "saved, the same command resumes.")
+        if last_eval != step:
+          table = validation.validate(state, eval_fn, data, config, batch_sharding, step,
+                                      workdir, log)
+        break
+      logging.warning("%s received: checkpoint for step %d saved in %s; restart with the same "
+                      "--workdir to resume.", preempt.signal_name, step, ckpt.directory)
+      raise Preempted(PREEMPTED_EXIT.get(preempt.signal_name or "SIGTERM", 143))
   return table
 
 

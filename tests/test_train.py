@@ -11,17 +11,19 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
+from etils import epath
 
 from configs import base
 from fape_jax import checkpoint as ckpt_lib
-from fape_jax import run_log
-from fape_jax.tasks import TASKS
 from fape_jax import model_state
+from fape_jax import run_dir
+from fape_jax import run_log
 from fape_jax import sharding
 from fape_jax import train_lib
+from fape_jax.errors import FapeError
+from fape_jax.tasks import TASKS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,6 +114,46 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(full_run, data_dir, tm
   assert step == 3
   assert int(state["step"]) == 3
   assert "could not be restored" in caplog.text
+
+
+def _snapshot(workdir):
+  """Every file of a run directory with its bytes (what a refused resume must leave alone)."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, workdir)] = f.read()
+  return out
+
+
+def test_resume_with_another_model_is_refused_and_the_run_is_untouched(full_run, data_dir,
+                                                                        tmp_path):
+  workdir, _ = full_run
+  run = str(tmp_path / "run")
+  shutil.copytree(workdir, run)
+  before = _snapshot(run)
+  other = tiny_config(data_dir, **{"model.unet.block_out_channels": (32, 32)})
+  changed = r"model\.unet\.block_out_channels \(\[16, 32\] -> \[32, 32\]\)"
+  with pytest.raises(FapeError, match=changed):
+    train_lib.train_and_evaluate(other, run)
+  after = _snapshot(run)
+  after.pop(run_dir.LOCK_FILE, None)  # the lock file is (re)used, not part of the run
+  before.pop(run_dir.LOCK_FILE, None)
+  assert after == before
+  # A longer budget is a resume, recorded: nothing to train past the end of this run here.
+  assert run_dir.check_resume(epath.Path(run), tiny_config(data_dir, total_steps=12)) == {
+      "total_steps": (6, 12)}
+
+
+def test_second_trainer_in_the_same_run_directory_is_refused(full_run, data_dir, tmp_path):
+  workdir, _ = full_run
+  run = str(tmp_path / "run")
+  shutil.copytree(workdir, run)
+  with run_dir.RunLock(epath.Path(run)):  # a trainer is running there
+    with pytest.raises(FapeError, match=rf"Another trainer is running in {run} \(host .*, pid "
+                                        rf"{os.getpid()}\)"):
+      train_lib.train_and_evaluate(tiny_config(data_dir), run)
 
 
 @pytest.mark.slow
