@@ -2,12 +2,15 @@
 
 Every mistake a user can make (bad config option, missing file, corrupt image, mismatched store)
 raises `FapeError` with a message that says what went wrong, where, and what to do. Entry points
-run under `exit_on_user_error()`, which prints the message without a traceback.
+start with `run(main)` (absl's `app.run`, with flag mistakes as one line) and run their work under
+`exit_on_user_error()`, which prints the message without a traceback.
 """
 
 import contextlib
 import sys
 
+from absl import app
+from absl import flags
 from absl import logging
 
 USAGE_EXIT_CODE = 2
@@ -23,6 +26,38 @@ def exit_on_user_error():
   try:
     yield
   except FapeError as e:
-    logging.error("%s", e)
+    logging.info("user error: %s", e)  # for log files; stderr gets it once, below
     print(f"error: {e}", file=sys.stderr)
     sys.exit(USAGE_EXIT_CODE)
+
+
+def _innermost_message(e: BaseException) -> str:
+  """ml_collections wraps a KeyError (whose str() is a repr) in an AttributeError: unwrap both."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  return str(e.args[0]) if e.args else str(e)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    argv = flags.FLAGS(argv)
+    for name in list(flags.FLAGS):  # config files load lazily: load them now, among the flags
+      if type(flags.FLAGS[name]).__module__.startswith("ml_collections"):
+        config = getattr(flags.FLAGS, name)
+        if config is not None:
+          getattr(config, "keys")  # a config that failed to load raises its error here
+    return argv
+  except Exception as e:  # noqa: BLE001 (flags, config files and config overrides raise many types)
+    what = _innermost_message(e)
+    if "Traceback (most recent call last)" in what:  # a config file's own error, with its stack
+      head = what.split("Traceback (most recent call last)")[0]
+      what = head + what.strip().splitlines()[-1].strip()
+    what = " ".join(what.split())
+    print(f"error: bad command line ({type(e).__name__}): {what}", file=sys.stderr)
+    sys.exit(USAGE_EXIT_CODE)
+
+
+def run(main) -> None:
+  """`app.run(main)` where a mistyped flag or `--config.KEY` (unknown key, wrong type, bad config
+  file) is one line on stderr and exit status 2, not a traceback."""
+  app.run(main, flags_parser=_parse_flags)

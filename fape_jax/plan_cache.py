@@ -11,14 +11,15 @@ initialised. Re-running with the same settings resumes (ids already in the store
 
 import json
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
 from fape_jax import errors
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/plan_cache.py",
-                                          "Plan-cache config file.", lock_config=True)
+# No default file: a default config is loaded (with its --config.KEY overrides) while the flags
+# are defined, where a mistyped key could only end in a traceback.
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Plan-cache config file, e.g. "
+                                          "configs/plan_cache.py.", lock_config=True)
 _SHARD_INDEX = flags.DEFINE_integer("shard_index", None, "This process's shard (default: JAX "
                                     "process index).")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", None, "Number of shards (default: JAX process "
@@ -38,4 +39,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  flags.mark_flags_as_required(["config"])
+  errors.run(main)

@@ -10,7 +10,6 @@ Restarting with the same --workdir resumes from its newest checkpoint.
 """
 
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
@@ -49,4 +48,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  errors.run(main)

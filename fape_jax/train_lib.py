@@ -44,6 +44,8 @@ def initial_state(config, mesh, ckpt: ckpt_lib.Checkpointer, train_iter):
   The state is created (sharded, from the seed) in every case; a checkpoint view without the
   frozen base weights (runs from `init_from`) takes them from `init_from` again.
   """
+  distributed.say(f"Creating the train state on a {dict(mesh.shape)} mesh "
+                  f"({jax.device_count()} {jax.default_backend()} devices)...")
   state, shardings, models = model_state.create_state(config, mesh)
   resuming = ckpt.latest_step() is not None
   if config.init_from and not (resuming and config.init_from.endswith(".safetensors")):
