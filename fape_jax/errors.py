@@ -11,7 +11,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
 USAGE_EXIT_CODE = 2
 
@@ -26,8 +25,7 @@ def exit_on_user_error():
   try:
     yield
   except FapeError as e:
-    logging.info("user error: %s", e)  # for log files; stderr gets it once, below
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr)  # once: no absl log line repeating it
     sys.exit(USAGE_EXIT_CODE)
 
 
@@ -42,7 +40,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
   try:
     argv = flags.FLAGS(argv)
     for name in list(flags.FLAGS):  # config files load lazily: load them now, among the flags
-      if type(flags.FLAGS[name]).__module__.startswith("ml_collections"):
+      # The config file flags themselves (`--config`), not their `--config.KEY` overrides.
+      if "." not in name and type(flags.FLAGS[name]).__module__.startswith("ml_collections"):
         config = getattr(flags.FLAGS, name)
         if config is not None:
           getattr(config, "keys")  # a config that failed to load raises its error here
