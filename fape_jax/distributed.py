@@ -452,7 +452,7 @@ def _allgather_bytes(data: bytes, max_bytes: int) -> list[bytes] | None:
 def _explain_difference(ref: bytes, other: bytes, structured: bool, limit: int = 5) -> str:
   """Names what differs: dotted keys for mappings, the first differing line for text."""
   if structured:
-    a, b = _flatten(json.loads(ref)), _flatten(json.loads(other))
+    a, b = flatten_dotted(json.loads(ref)), flatten_dotted(json.loads(other))
     keys = sorted(k for k in a.keys() | b.keys() if a.get(k, _ABSENT) != b.get(k, _ABSENT))
     parts = [f"{k}={_short(b.get(k, _ABSENT))} (process 0: {_short(a.get(k, _ABSENT))})"
              for k in keys[:limit]]
@@ -480,11 +480,12 @@ class _Absent:
 _ABSENT = _Absent()
 
 
-def _flatten(tree, prefix: str = "") -> dict[str, Any]:
+def flatten_dotted(tree, prefix: str = "") -> dict[str, Any]:
+  """{'a.b.c': leaf} from nested dicts (a decoded config); an empty dict is a leaf."""
   if isinstance(tree, dict) and tree:
     out = {}
     for k, v in tree.items():
-      out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+      out.update(flatten_dotted(v, f"{prefix}.{k}" if prefix else str(k)))
     return out
   return {prefix or "<value>": tree}
 

@@ -41,18 +41,9 @@ RESUMABLE = frozenset({
 })
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: tree}
-
-
 def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
   """{dotted field: (old, new)} for every field that differs (missing = None)."""
-  a, b = _flatten(old), _flatten(new)
+  a, b = distributed.flatten_dotted(old), distributed.flatten_dotted(new)
   return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
