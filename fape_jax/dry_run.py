@@ -111,7 +111,7 @@ def _residual_bytes(config, abstract, models: Models, per_device_batch: int, rem
   def residuals(gparams, gfrozen, disc, batch):
     def loss(p):
       _, t = steps.generator_terms(models, p, gfrozen, disc, batch, config)
-      return lw.w_mse * t["mse"] + lw.w_adv * t["adv"] + lw.w_freq * t["freq"]
+      return lw.w_mse * t["rec"] + lw.w_adv * t["adv"] + lw.w_freq * t["freq"]
     return jax.vjp(loss, gparams)[1]
 
   g = abstract["gen"]

@@ -39,14 +39,18 @@ def disc_logits(models: Models, dparams, drest, images, update_stats: bool):
 
 
 def generator_terms(models: Models, gparams, gfrozen, disc, batch, config):
-  """(restored, {mse, adv, freq}): the generator loss terms that need no extra weights (LPIPS
-  does); the train step and the dry run's memory estimate differentiate the same ones."""
+  """(restored, {rec, mse, adv, freq}): the generator loss terms that need no extra weights (LPIPS
+  does); the train step and the dry run's memory estimate differentiate the same ones. `rec` is
+  the (task-balanced) reconstruction term that is optimised, `mse` the plain batch MSE (logged)."""
   restored, aux = generator_forward(models, gparams, gfrozen, batch)
   mse = jnp.mean(jnp.square(restored.astype(jnp.float32) - batch["clean"]))
+  rec = losses.reconstruction_loss(restored, batch["clean"], batch["degraded"],
+                                   config.loss.get("balance", "none"))
   fake_logits, _ = disc_logits(models, disc["params"], disc["rest"], restored,
                                update_stats=False)
   adv = disc_lib.generator_adversarial_loss(fake_logits, config.disc.real_target)
-  return restored, {"mse": mse, "adv": adv, "freq": losses.frequency_loss(aux["freq_terms"])}
+  return restored, {"rec": rec, "mse": mse, "adv": adv,
+                    "freq": losses.frequency_loss(aux["freq_terms"])}
 
 
 def train_step(state, batch, lpips_state, *, models: Models, config, lpips_def):
@@ -63,12 +67,12 @@ def train_step(state, batch, lpips_state, *, models: Models, config, lpips_def):
   def g_loss_fn(gparams):
     restored, terms = generator_terms(models, gparams, state["gen"]["frozen"], state["disc"],
                                       batch, config)
-    mse, adv, freq = terms["mse"], terms["adv"], terms["freq"]
+    rec, adv, freq = terms["rec"], terms["adv"], terms["freq"]
     lp = (jnp.mean(nnx.merge(lpips_def, lpips_state)(restored, batch["clean"]))
           if lpips_def is not None else jnp.zeros(()))
-    total = (lw.w_mse * mse + lw.w_lpips * lp + adv_on * lw.w_adv * adv + lw.w_freq * freq)
-    return total, ({"loss": total, "mse": mse, "lpips": lp, "adv": adv, "freq": freq},
-                   restored)
+    total = (lw.w_mse * rec + lw.w_lpips * lp + adv_on * lw.w_adv * adv + lw.w_freq * freq)
+    return total, ({"loss": total, "mse": terms["mse"], "rec": rec, "lpips": lp, "adv": adv,
+                    "freq": freq}, restored)
 
   (_, (g_metrics, restored)), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
       state["gen"]["params"])
