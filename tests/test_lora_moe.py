@@ -296,6 +296,7 @@ def test_zero_init_is_exactly_the_base_model_and_routing_is_reported():
   x, ctx, mask = _inputs()
   cfg = lora_moe.default_lora_config()
   cfg.conv_lora = True  # linear and conv wrappers
+  cfg.top1, cfg.top1_mode = "all", "ste"  # exactly one-hot everywhere (the default mixes softly)
   plain = ToyUNet(rngs=_rngs(0))
   model, paths = _toy(cfg)
   out, aux = _run(model, x, ctx, mask)
@@ -397,18 +398,19 @@ def test_variants_dense_token_gate_descriptor_and_first_layer_top1():
   assert not hasattr(layer, "expert1") and not hasattr(layer, "router")
 
   cfg = lora_moe.default_lora_config()
-  cfg.update(image_descriptor=True, top1="first")
+  cfg.update(image_descriptor=True)  # default: top-1 in the first layer, loser keeps ~1 %
   model, paths = _toy(cfg)
   _randomise_adapters(model)
   _, aux = lora_moe.run_adapted(model, x, ctx, mask, input_hw=x.shape[1:3], context=ctx,
                                 context_mask=mask, descriptor=desc)
   one_hot = lambda w: set(np.unique(np.asarray(w))) <= {0.0, 1.0}  # noqa: E731
-  assert one_hot(aux["routing"][paths[0]])
-  assert not any(one_hot(aux["routing"][p]) for p in paths[1:])  # soft mixing elsewhere
+  loser = np.min(np.asarray(aux["routing"][paths[0]]), -1)
+  assert np.all(loser > 0) and np.all(loser < 0.02)  # near one-hot, and the loser still learns
+  assert not any(np.min(np.asarray(aux["routing"][p])) < 0.02 for p in paths[1:])  # soft mixing
   assert all(np.allclose(np.sum(w, -1), 1.0, atol=1e-6) for w in aux["routing"].values())
 
   cfg.token_gate = True
-  cfg.top1 = "all"
+  cfg.top1, cfg.top1_mode = "all", "ste"
   model, paths = _toy(cfg)
   _randomise_adapters(model)
   _, aux = lora_moe.run_adapted(model, x, ctx, mask, input_hw=x.shape[1:3], context=ctx,

@@ -52,9 +52,9 @@ uniform and training moves it):
   * optional token gate (authors' code): g = softmax(gate(x) / 5) per token, blended with `a` by a
     second sigmoid scalar. Token-wise on linear layers, mean-pooled over pixels on conv layers.
   * top-1 ('all' layers, the 'first' adapted layer only as in the authors' code, or 'none' = soft):
-    - 'ste' (default): forward exactly one-hot; backward the straight-through estimator, i.e. the
+    - 'ste': forward exactly one-hot; backward the straight-through estimator, i.e. the
       gradient of the soft weights `a`, so the routers and lambda_s learn from the task loss.
-    - 'epsilon' (authors): the loser keeps `epsilon` of its weight, renormalised
+    - 'epsilon' (authors; default, with top1='first'): the loser keeps `epsilon` of its weight, renormalised
       (w = a * [1 | eps] / sum); near one-hot forward, genuine gradient through `a` for both shares.
 """
 
@@ -142,8 +142,11 @@ def default_lora_config() -> ml_collections.ConfigDict:
   c.lambda_init = 0.5
   c.image_descriptor = False
   c.descriptor_bands = 8
-  c.top1 = "all"
-  c.top1_mode = "ste"
+  # The authors' scheme: top-1 in the first adapted layer only, the loser keeping 1 % (so it still
+  # gets a gradient), soft mixing elsewhere. Straight-through top-1 on every layer with B = 0 at
+  # start leaves the expert that loses the first argmax with exactly zero output and gradient.
+  c.top1 = "first"
+  c.top1_mode = "epsilon"
   c.top1_epsilon = 0.01
   c.projector_hidden = 0
   return c
