@@ -44,6 +44,14 @@ def initial_state(config, mesh, ckpt: ckpt_lib.Checkpointer, train_iter):
   The state is created (sharded, from the seed) in every case; a checkpoint view without the
   frozen base weights (runs from `init_from`) takes them from `init_from` again.
   """
+  if not (config.train_base_unet or config.init_from or config.get("allow_random_base", False)):
+    raise FapeError(
+        f"Config {config.get('variant', '?')!r} trains adapters on a frozen base UNet"
+        f"{' and VAE' if config.model.vae else ''}, but --config.init_from is empty, so that base "
+        "would be random weights. Point it at a local diffusers folder holding unet/ (and vae/), "
+        "e.g. --config.init_from=/models/sd-turbo (downloaded once with `huggingface-cli download "
+        "stabilityai/sd-turbo --local-dir /models/sd-turbo`); for smoke tests on random weights "
+        "pass --config.allow_random_base=True.")
   distributed.say(f"Creating the train state on a {dict(mesh.shape)} mesh "
                   f"({jax.device_count()} {jax.default_backend()} devices)...")
   state, shardings, models = model_state.create_state(config, mesh)

@@ -201,6 +201,7 @@ def tiny_config(data_dir):
   # Pretrained mode, as the SD-2.1-scale config: a frozen base sharded over fsdp, replicated
   # adapters; the base is saved with them (no init_from). It also compiles a third faster.
   c.train_base_unet = False
+  c.allow_random_base = True     # no pretrained weights in tests
   c.model.residual = False
   c.total_steps = 2
   c.ckpt_every = 2

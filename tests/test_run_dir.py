@@ -78,3 +78,10 @@ def test_lock_of_a_dead_process_is_taken_over(tmp_path):
   lock = run_dir.RunLock(tmp_path).acquire()
   assert f"pid {os.getpid()}" in (tmp_path / run_dir.LOCK_FILE).read_text()
   lock.release()
+
+
+def test_frozen_base_without_init_from_is_refused_with_the_way_out():
+  from fape_jax import train_lib
+  c = base.get_config("sd21")
+  with pytest.raises(FapeError, match="init_from is empty.*allow_random_base"):
+    train_lib.initial_state(c, mesh=None, ckpt=None, train_iter=None)

@@ -19,6 +19,7 @@ def setup():
   c = base.get_config("tiny")
   c.mesh.shape = (2, 4)          # data x fsdp
   c.train_base_unet = False      # pretrained mode: only adapters, routers, projector train
+  c.allow_random_base = True     # no pretrained weights in tests
   c.model.residual = False
   c.data.batch_size = 8
   mesh = shard_lib.make_mesh(c.mesh.axes, c.mesh.shape)
@@ -88,6 +89,7 @@ def test_init_from_exported_adapters_loads_them_and_rejects_other_shapes(tmp_pat
   from safetensors import numpy as st_np
   c = base.get_config("tiny")
   c.train_base_unet = False
+  c.allow_random_base = True     # no pretrained weights in tests
   mesh = shard_lib.make_mesh(("data", "fsdp"), (2, 4))
   state, shardings, models = model_state.create_state(c, mesh)
   gen = nnx.merge(models.gen_def, state["gen"]["params"], state["gen"]["frozen"])
