@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -73,12 +74,21 @@ def test_synthetic_counts_ids_and_shapes(synthetic_dir):
       assert (image in val_names) == (split != "train")  # validation images never train
       assert r["source"].startswith("embedded:") and r["source"].endswith("/" + image)
       assert r["degraded"].dtype == np.uint8 and r["degraded"].shape == r["clean"].shape
+      assert params["recipe"] == degrade_lib.RECIPE_VERSION
+      assert params["evaluation"] == (split != "train")  # validation and mixes are held out
+      step = params["steps"][0]
       if split == "train":
         assert max(r["clean"].shape[:2]) <= 32
+        if task == "super_resolution":
+          assert step["scale"] in degrade_lib.SR_SCALES
       else:
         assert r["clean"].shape == (16, 16, 3)
         if task == "denoise":  # evaluation sigmas cycle over variants
-          assert params["steps"][0]["sigma"] == degrade_lib.EVAL_SIGMAS[int(variant) % 3]
+          assert step["sigma"] == degrade_lib.EVAL_SIGMAS[int(variant) % 3]
+        if task == "deblur":
+          assert step["kind"] in degrade_lib.BLUR_HELD_OUT
+        if task == "super_resolution":
+          assert (step["scale"], step["downsample"]) == (4, "lanczos")
       assert task in (tasks_lib.TASKS if split != "mixes" else degrade_lib.MIX_NAMES)
 
 
@@ -86,7 +96,7 @@ def test_synthetic_records_regenerate_from_their_seed(synthetic_dir):
   src = pairs.open_pairs(synthetic_dir, "synthetic", "validation", TINY | {"variants_per_image": 1})
   for r in _all(src)[:10]:
     p = json.loads(r["params"])
-    again = degrade_lib.degrade(r["clean"], r["task"], p["seed"], evaluation=True,
+    again = degrade_lib.degrade(r["clean"], r["task"], p["seed"], evaluation=p["evaluation"],
                                 options={"denoise": {"sigma": degrade_lib.EVAL_SIGMAS[
                                     int(r["id"].rsplit("/", 1)[1]) % 3]}})
     assert again.degraded.tobytes() == r["degraded"].tobytes()
@@ -105,6 +115,56 @@ def test_prepare_builds_once_and_open_needs_a_store(synthetic_dir, tmp_path, cap
     pairs.open_pairs(synthetic_dir, "imagenet", "train")
   with pytest.raises(FapeError, match="variants"):
     builders.synthetic_config(variants=0)
+
+
+def test_store_folder_and_metadata_name_the_recipe(synthetic_dir):
+  path = pairs.prepare_synthetic(synthetic_dir, builders.synthetic_config(**TINY))
+  assert os.path.basename(path) == f"{degrade_lib.RECIPE_VERSION}.0.0"
+  with open(os.path.join(path, "metadata.json")) as f:
+    assert json.load(f) == {"recipe_version": degrade_lib.RECIPE_VERSION,
+                            "recipe_fingerprint": degrade_lib.recipe_fingerprint()}
+
+
+def test_a_store_of_another_recipe_is_never_reused(synthetic_dir, tmp_path, monkeypatch,
+                                                   caplog):
+  cfg = builders.synthetic_config(**TINY)
+  built = pairs.prepare_synthetic(synthetic_dir, cfg)
+  old = tmp_path / "old"
+  shutil.copytree(synthetic_dir, old)
+  meta_path = os.path.join(old, os.path.relpath(built, synthetic_dir), "metadata.json")
+  # Code with a newer recipe looks in a new folder: the old store is named, never opened, and
+  # preparing builds the new recipe's store next to it.
+  monkeypatch.setattr(degrade_lib, "RECIPE_VERSION", degrade_lib.RECIPE_VERSION + 1)
+  newer = builders.synthetic_config(**TINY)
+  assert newer.version != cfg.version
+  with pytest.raises(FapeError, match=rf"other synthesis recipes \({cfg.version}\).*not reused"
+                                      r".*prepare_synthetic"):
+    pairs.open_pairs(old, "synthetic", "train", newer)
+  with caplog.at_level(logging.INFO):
+    path = pairs.prepare_synthetic(old, newer)
+  assert any("Not reusing" in m for m in caplog.messages)
+  assert os.path.basename(path) == f"{degrade_lib.RECIPE_VERSION}.0.0"
+  rec = pairs.open_pairs(old, "synthetic", "validation", newer)[0]
+  assert json.loads(rec["params"])["recipe"] == degrade_lib.RECIPE_VERSION
+  monkeypatch.undo()
+  # A store in this recipe's folder that recorded another recipe, or none (recipe-1 code wrote
+  # no metadata), is refused with what to do.
+  for meta in ({"recipe_version": 1}, None):
+    if meta is None:
+      os.remove(meta_path)
+    else:
+      with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    for call in (lambda: pairs.open_pairs(old, "synthetic", "train", cfg),
+                 lambda: pairs.prepare_synthetic(old, cfg)):
+      with pytest.raises(FapeError, match="not reused. Delete that folder and build it again"):
+        call()
+  # A same-numbered recipe whose draws changed (a missed bump) is opened, but not silently.
+  monkeypatch.setattr(degrade_lib, "recipe_fingerprint", lambda: "something else")
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    pairs.open_pairs(synthetic_dir, "synthetic", "train", cfg)
+  assert any("bump degrade.RECIPE_VERSION" in m for m in caplog.messages)
 
 
 # ----------------------------------------------------------------------------------------------

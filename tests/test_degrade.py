@@ -1,5 +1,7 @@
-"""Degradation synthesis: determinism, and each degradation moves the image the expected way."""
+"""Degradation synthesis: determinism, each degradation moves the image the expected way, the
+validation draws are held out from the training draws, and a changed recipe bumps its version."""
 
+import hashlib
 import json
 
 import numpy as np
@@ -14,6 +16,12 @@ from fape_jax.data import degrade as D
 from fape_jax.errors import FapeError
 
 ALL = tuple(tasks_lib.TASKS) + D.MIX_NAMES
+
+# The recipe's fingerprint per RECIPE_VERSION. If this test fails, what a seed produces changed:
+# bump degrade.RECIPE_VERSION (synthetic stores are then rebuilt, never reused) and add its value.
+FINGERPRINTS = {2: "484911bab72357f9"}
+# Noise added to the clean-only benchmark sets (PairedFolders): frozen across recipe versions.
+BENCHMARK_NOISE_SHA = {15: "80018c34918eaab6", 25: "404cbe2772665a8c", 50: "ede7094870663f31"}
 
 
 @pytest.fixture(scope="module")
@@ -54,19 +62,38 @@ def _orientation(diff):
   return theta, np.sqrt((jxx - jyy) ** 2 + 4 * jxy ** 2) / (jxx + jyy)
 
 
+@pytest.mark.parametrize("evaluation", [False, True])
 @pytest.mark.parametrize("task", ALL)
-def test_same_seed_same_bytes_different_seed_differs(photo, task):
-  a = D.degrade(photo, task, [3, 1])
-  b = D.degrade(photo, task, [3, 1])
-  c = D.degrade(photo, task, [3, 2])
+def test_same_seed_same_bytes_different_seed_differs(photo, task, evaluation):
+  a = D.degrade(photo, task, [3, 1], evaluation=evaluation)
+  b = D.degrade(photo, task, [3, 1], evaluation=evaluation)
+  c = D.degrade(photo, task, [3, 2], evaluation=evaluation)
   assert a.degraded.dtype == np.uint8 and a.degraded.shape == photo.shape
   assert a.degraded.tobytes() == b.degraded.tobytes()
   assert a.params == b.params
   assert a.degraded.tobytes() != c.degraded.tobytes()
   assert not np.array_equal(a.degraded, photo)
-  # Params are JSON-able and name the task and every step, in order.
+  # Params are JSON-able and name the task, the recipe, the draw and every step, in order.
   p = json.loads(json.dumps(a.params))
   assert p["task"] == task and [s["task"] for s in p["steps"]] == task.split("+")
+  assert p["recipe"] == D.RECIPE_VERSION and p["evaluation"] == evaluation
+
+
+def test_a_changed_recipe_bumps_the_version():
+  assert D.recipe_fingerprint() == FINGERPRINTS.get(D.RECIPE_VERSION), (
+      "The synthesis draws something else than the pinned recipe: bump degrade.RECIPE_VERSION "
+      f"and pin {D.recipe_fingerprint()!r} for it in FINGERPRINTS.")
+
+
+def test_benchmark_noise_is_frozen_across_recipes():
+  img = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+  got = {}
+  for sigma in D.EVAL_SIGMAS:  # as builders._noisy_records asks for it
+    s = D.degrade(img, "denoise", [1, 2, sigma], evaluation=True,
+                  options={"denoise": {"sigma": sigma}})
+    got[sigma] = hashlib.sha256(s.degraded.tobytes()).hexdigest()[:16]
+    assert s.params["steps"][0]["noise"] == "gaussian"
+  assert got == BENCHMARK_NOISE_SHA
 
 
 @pytest.mark.parametrize("sigma", D.EVAL_SIGMAS)
@@ -79,30 +106,61 @@ def test_noise_std_matches_sigma(sigma):
   assert s.params["steps"][0]["sigma"] == sigma
 
 
+@pytest.mark.parametrize("kind", D.NOISE_KINDS)
+def test_every_noise_kind_has_the_drawn_sigma_at_mid_gray(kind):
+  flat = np.full((128, 128, 3), 128, np.uint8)
+  s = D.degrade(flat, "denoise", 0, options={"denoise": {"sigma": 20, "kind": kind}})
+  resid = s.degraded.astype(np.float64) - 128
+  assert abs(resid.std() - 20) < 0.08 * 20 and abs(resid.mean()) < 1
+  assert s.params["steps"][0]["noise"] == kind and s.params["steps"][0]["sigma"] == 20
+
+
+def test_noise_kinds_differ_the_documented_way():
+  def resid(kind, level=128):
+    img = np.full((128, 128, 3), level, np.uint8)
+    s = D.degrade(img, "denoise", 0, options={"denoise": {"sigma": 20, "kind": kind}})
+    return s.degraded.astype(np.float64) - level, s.params["steps"][0]
+  across = lambda r: np.corrcoef(r[..., 0].ravel(), r[..., 1].ravel())[0, 1]
+  along = lambda r: np.corrcoef(r[:, :-1, 0].ravel(), r[:, 1:, 0].ravel())[0, 1]
+  r, _ = resid("gaussian")
+  assert abs(across(r)) < 0.05 and abs(along(r)) < 0.05
+  r, p = resid("gray")  # channels correlate by the drawn rho
+  assert abs(across(r) - p["rho"]) < 0.05 and abs(along(r)) < 0.05
+  r, p = resid("correlated")  # neighbours correlate, channels do not
+  assert along(r) > 0.15 and abs(across(r)) < 0.05 and 0.5 <= p["correlation_px"] <= 1.5
+  # Shot noise grows with the signal.
+  assert resid("poisson_gaussian", 200)[0].std() > 1.25 * resid("poisson_gaussian", 40)[0].std()
+
+
 def test_noise_eval_and_train_sigma_ranges(photo):
-  evals = {D.degrade(photo, "denoise", i, evaluation=True).params["steps"][0]["sigma"]
-           for i in range(30)}
-  assert evals == set(map(float, D.EVAL_SIGMAS))
-  train = [D.degrade(photo, "denoise", i).params["steps"][0]["sigma"] for i in range(30)]
-  assert all(D.TRAIN_SIGMA_RANGE[0] <= s <= D.TRAIN_SIGMA_RANGE[1] for s in train)
-  assert len(set(train)) == 30
+  evals = [D.degrade(photo, "denoise", i, evaluation=True).params["steps"][0] for i in range(30)]
+  assert {p["sigma"] for p in evals} == set(map(float, D.EVAL_SIGMAS))
+  assert {p["noise"] for p in evals} == {"gaussian"}  # the literature's test noise
+  train = [D.degrade(photo, "denoise", i).params["steps"][0] for i in range(30)]
+  assert all(D.TRAIN_SIGMA_RANGE[0] <= p["sigma"] <= D.TRAIN_SIGMA_RANGE[1] for p in train)
+  assert len({p["sigma"] for p in train}) == 30
 
 
-def test_low_light_lowers_luminance(photo):
+@pytest.mark.parametrize("evaluation", [False, True])
+def test_low_light_lowers_luminance(photo, evaluation):
   for seed in range(4):
-    s = D.degrade(photo, "light_enhancement", seed)
+    s = D.degrade(photo, "light_enhancement", seed, evaluation=evaluation)
     assert _luma(s.degraded).mean() < 0.5 * _luma(photo).mean()
     p = s.params["steps"][0]
-    assert 0.15 <= p["exposure"] <= 0.45 and 1.3 <= p["gamma"] <= 2.2
+    assert 0.08 <= p["exposure"] <= 0.5 and 0.9 <= p["gamma"] <= 3.0
 
 
-def test_haze_lowers_contrast_and_saturation(photo):
+@pytest.mark.parametrize("evaluation", [False, True])
+def test_haze_lowers_contrast_and_saturation(photo, evaluation):
   sat = lambda a: skimage.color.rgb2hsv(a)[..., 1].mean()
   for seed in range(4):
-    s = D.degrade(photo, "dehazing", seed)
-    assert _local_contrast(s.degraded) < 0.8 * _local_contrast(photo)
-    assert sat(s.degraded) < 0.8 * sat(photo)
+    s = D.degrade(photo, "dehazing", seed, evaluation=evaluation)
+    assert _local_contrast(s.degraded) < 0.9 * _local_contrast(photo)
+    assert sat(s.degraded) < 0.9 * sat(photo)
     assert s.params["steps"][0]["depth"] == "proxy"
+  thin, thick = (D.degrade(photo, "dehazing", 0, options={"dehazing": {"beta": b}}).degraded
+                 for b in (0.5, 2.0))
+  assert _local_contrast(thick) < 0.7 * _local_contrast(thin)
 
 
 def test_haze_uses_a_given_depth_map(photo):
@@ -118,35 +176,51 @@ def test_haze_uses_a_given_depth_map(photo):
     D.degrade(photo, "dehazing", 0, depth=np.zeros((5, 5)))
 
 
+@pytest.mark.parametrize("evaluation", [False, True])
 @pytest.mark.parametrize("task", ["deblur", "super_resolution"])
-def test_blur_and_sr_remove_high_frequencies(photo, task):
+def test_blur_and_sr_remove_high_frequencies(photo, task, evaluation):
   for seed in range(4):
-    s = D.degrade(photo, task, seed)
+    s = D.degrade(photo, task, seed, evaluation=evaluation)
     assert _hf_energy(s.degraded) < 0.5 * _hf_energy(photo), (task, seed, s.params)
 
 
-def test_sr_is_x4_then_back_to_input_size(photo):
-  s = D.degrade(photo, "super_resolution", 1)
+@pytest.mark.parametrize("pipeline", ["realesrgan", "classical"])
+@pytest.mark.parametrize("scale", D.SR_SCALES)
+def test_sr_goes_down_by_its_scale_then_back_to_input_size(photo, scale, pipeline):
+  s = D.degrade(photo, "super_resolution", 1,
+                options={"super_resolution": {"scale": scale, "pipeline": pipeline}})
   p = s.params["steps"][0]
   assert s.degraded.shape == photo.shape
-  assert p["scale"] == 4 and p["lr_size"] == [photo.shape[0] // 4, photo.shape[1] // 4]
-  assert {"round1", "round2", "final"} <= set(p)
+  assert p["scale"] == scale and p["lr_size"] == [photo.shape[0] // scale, photo.shape[1] // scale]
+  assert p["pipeline"] == pipeline and p["upsample"] == "bicubic"
+  assert {"round1", "round2", "final"} <= set(p) if pipeline == "realesrgan" else (
+      {"blur", "downsample", "noise_sigma", "jpeg"} <= set(p))
+
+
+def test_sr_validation_is_x4_with_the_held_out_kernel(photo):
+  p = D.degrade(photo, "super_resolution", 1, evaluation=True).params["steps"][0]
+  assert (p["scale"], p["pipeline"], p["downsample"]) == (4, "classical", "lanczos")
+  assert p["lr_size"] == [photo.shape[0] // 4, photo.shape[1] // 4]
 
 
 def test_deblur_kinds():
   img = np.zeros((64, 64, 3), np.uint8)
   img[32, 32] = 255  # a point: the blurred image is the kernel
-  for kind in ("motion", "defocus", "gaussian"):
+  for kind in D.BLUR_KINDS + D.BLUR_HELD_OUT:
     s = D.degrade(img, "deblur", 0, options={"deblur": {"kind": kind}})
     spread = (s.degraded[..., 0] > 0).sum()
     assert spread > 9, kind
     assert s.params["steps"][0]["kind"] == kind
+  with pytest.raises(FapeError, match="Unknown blur kind"):
+    D.degrade(img, "deblur", 0, options={"deblur": {"kind": "box"}})
 
 
-@pytest.mark.parametrize("angle", [0.0, 20.0, -25.0])
-def test_rain_adds_bright_oriented_streaks(angle):
+@pytest.mark.parametrize("angle,evaluation", [(0.0, False), (20.0, False), (-25.0, False),
+                                              (52.0, True), (-50.0, True)])
+def test_rain_adds_bright_oriented_streaks(angle, evaluation):
   flat = np.full((128, 128, 3), 60, np.uint8)
-  s = D.degrade(flat, "deraining", 5, options={"deraining": {"angle": angle, "layers": 1}})
+  s = D.degrade(flat, "deraining", 5, evaluation=evaluation,
+                options={"deraining": {"angle": angle, "layers": 1}})
   diff = s.degraded.astype(np.float64).mean(axis=2) - 60
   assert diff.min() >= -0.5 and diff.mean() > 2  # additive, bright
   theta, coherence = _orientation(diff)
@@ -181,8 +255,13 @@ def test_mix_is_the_composition_of_its_parts(photo):
   # Each part left its mark: darker, then bright streaks, then flatter contrast and a lifted floor.
   assert x_low.mean() < 0.5 * x.mean()
   assert x_rain.mean() > x_low.mean() and (x_rain - x_low).max() > 0.2
-  assert _local_contrast(x_haze) < 0.8 * _local_contrast(x_rain) and x_haze.min() > x_rain.min()
+  assert _local_contrast(x_haze) < 0.8 * _local_contrast(x_rain)
+  assert np.percentile(x_haze, 5) > np.percentile(x_rain, 5)
   assert [p["task"] for p in s.params["steps"]] == mix.split("+")
+  # A validation mix draws every part's held-out variant.
+  low, rain, haze = D.degrade(photo, mix, [7, 7], evaluation=True).params["steps"]
+  assert low["variant"] in ("linear", "deep") and rain["composite"] == "screen"
+  assert haze["variant"] in ("dim", "dense")
 
 
 def test_every_mix_in_tasks_is_supported(photo):
@@ -201,3 +280,99 @@ def test_bad_input_raises_fape_error(photo):
     D.degrade(photo, "derain", 0)
   with pytest.raises(FapeError, match="Unknown degradation"):
     D.degrade(photo, "denoise+", 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training draws are wide and never produce the held-out validation choices
+# ----------------------------------------------------------------------------------------------
+
+N_TRAIN, N_EVAL = 200, 60
+
+
+@pytest.fixture(scope="module")
+def draws():
+  """{(task, evaluation): step params} over many seeds on a tiny image (draws ignore content)."""
+  tiny = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+  return {(t, ev): [D.degrade(tiny, t, [s, 99], evaluation=ev).params["steps"][0]
+                    for s in range(N_EVAL if ev else N_TRAIN)]
+          for t in tasks_lib.TASKS for ev in (False, True)}
+
+
+def _inside(v, lo_hi):
+  return lo_hi[0] <= v <= lo_hi[1]
+
+
+def test_denoise_draws(draws):
+  train, val = draws["denoise", False], draws["denoise", True]
+  sig = [p["sigma"] for p in train]
+  assert all(_inside(s, D.TRAIN_SIGMA_RANGE) for s in sig) and min(sig) < 8 and max(sig) > 52
+  kinds = [p["noise"] for p in train]
+  assert set(kinds) == set(D.NOISE_KINDS) and max(set(kinds), key=kinds.count) == "gaussian"
+  assert {(p["noise"], p["sigma"]) for p in val} == {("gaussian", float(s)) for s in D.EVAL_SIGMAS}
+
+
+def test_deblur_draws(draws):
+  train, val = draws["deblur", False], draws["deblur", True]
+  assert {p["kind"] for p in train} == set(D.BLUR_KINDS)
+  assert {p["kind"] for p in val} == set(D.BLUR_HELD_OUT)
+  ext = [p["extent"] for p in train if p["kind"] == "motion"]
+  assert all(_inside(e, (5, 25)) for e in ext) and min(ext) < 7 and max(ext) > 23
+  gauss = [p for p in train if p["kind"] == "gaussian"]
+  assert {p["isotropic"] for p in gauss} == {True, False}
+  assert all(_inside(p[k], (0.6, 3.5)) for p in gauss for k in ("sigma_x", "sigma_y"))
+  assert max(p["kernel_size"] for p in train + val) <= 27  # small next to a 256 px image
+
+
+def test_rain_draws(draws):
+  train, val = draws["deraining", False], draws["deraining", True]
+  angles = [abs(layer["angle"]) for p in train for layer in p["layers"]]
+  assert max(angles) <= D.RAIN_MAX_ANGLE and max(angles) > 40
+  assert min(abs(layer["angle"]) for p in val for layer in p["layers"]) > D.RAIN_MAX_ANGLE
+  assert {p["composite"] for p in train} == {"add"} and {p["composite"] for p in val} == {"screen"}
+  layers = [layer for p in train for layer in p["layers"]]
+  for key, lo_hi in (("width", (1, 4)), ("intensity", (0.2, 0.8)), ("length", (10, 50))):
+    assert all(_inside(layer[key], lo_hi) for layer in layers), key
+  assert 0 < np.mean([layer["blur"] > 0 for layer in layers]) < 0.5
+
+
+def test_snow_draws(draws):
+  train, val = draws["desnowing", False], draws["desnowing", True]
+  assert all(layer["kind"] == "flake" and layer["radius"] <= D.SNOW_MAX_RADIUS
+             for p in train for layer in p["layers"])
+  assert all(any(layer["kind"] == "bokeh" and layer["radius"] > D.SNOW_MAX_RADIUS + 0.4
+                 for layer in p["layers"]) for p in val)
+
+
+def test_haze_draws(draws):
+  train, val = draws["dehazing", False], draws["dehazing", True]
+  assert all(_inside(p["beta"], D.HAZE_BETA) and _inside(p["airlight_base"], D.HAZE_AIRLIGHT)
+             for p in train)
+  # Every validation haze leaves exactly one training range: dim airlight or dense fog.
+  for p in val:
+    dim, dense = p["airlight_base"] < D.HAZE_AIRLIGHT[0], p["beta"] > D.HAZE_BETA[1]
+    assert dim != dense and p["variant"] == ("dim" if dim else "dense")
+    assert max(p["airlight"]) <= 0.6 if dim else True  # the tint keeps it dim
+  assert {p["variant"] for p in val} == {"dim", "dense"}
+
+
+def test_low_light_draws(draws):
+  train, val = draws["light_enhancement", False], draws["light_enhancement", True]
+  assert all(_inside(p["gamma"], D.LOW_GAMMA) and _inside(p["exposure"], D.LOW_EXPOSURE)
+             for p in train)
+  assert all(not _inside(p["gamma"], D.LOW_GAMMA) for p in val)
+  assert {p["variant"] for p in val} == {"linear", "deep"}
+
+
+def _sr_modes(p):
+  if p["pipeline"] == "classical":
+    return {p["downsample"]}
+  return {p["round1"]["resize"]["mode"], p["round2"]["resize"]["mode"], p["final"]["resize_mode"]}
+
+
+def test_sr_draws(draws):
+  train, val = draws["super_resolution", False], draws["super_resolution", True]
+  assert {p["scale"] for p in train} == set(D.SR_SCALES)
+  assert {p["pipeline"] for p in train} == {"realesrgan", "classical"}
+  assert set().union(*map(_sr_modes, train)) == set(D.SR_TRAIN_DOWN)  # never lanczos
+  assert {(p["scale"], p["pipeline"], p["downsample"]) for p in val} == {
+      (4, "classical", "lanczos")}

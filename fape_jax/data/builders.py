@@ -13,10 +13,14 @@ encode and decode without TensorFlow (strings come back as bytes; `pairs.PairsSo
 
 Two builders:
   * `SyntheticPairs`: the embedded corpus (corpus.py) degraded by degrade.py with fixed seeds.
-    Splits: `train` (train images x 7 tasks x `variants`), `validation` (validation images x 7
-    tasks x `val_variants`) and `mixes` (validation images x the 7 CDD-11 mixes x `val_variants`;
-    zero-shot evaluation only). Knobs (the config name spells them, so each setting has its own
-    folder):
+    Splits: `train` (train images x 7 tasks x `variants`, degrade's wide training draws),
+    `validation` (validation images x 7 tasks x `val_variants`) and `mixes` (validation images x
+    the 7 CDD-11 mixes x `val_variants`; zero-shot evaluation only); both of these use degrade's
+    held-out draws (`evaluation=True`: kernel families, recipe variants and ranges the training
+    draw never produces). The store's version is the synthesis recipe's (`synthetic_version`,
+    from degrade.RECIPE_VERSION), so a changed recipe builds a new folder; the recipe version and
+    fingerprint are also stored in the store's metadata.json, which pairs.py checks on opening.
+    Knobs (the config name spells them, so each setting has its own folder):
       variants        K degraded variants per train image per task (different seeds);
       train_max_side  train images are resized (anti-aliased) so their long side is <= this before
                       degrading (0 = keep the original size); crops are cut later by the pipeline;
@@ -60,7 +64,7 @@ from fape_jax.data import degrade as degrade_lib
 from fape_jax.data import images
 from fape_jax.errors import FapeError
 
-VERSION = tfds.core.Version("1.0.0")
+VERSION = tfds.core.Version("1.0.0")  # the benchmark stores (their synthesised noise is frozen)
 SPLIT_CODE = {"train": 0, "validation": 1, "mixes": 2, "test": 3}
 
 
@@ -112,10 +116,18 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   val_size: int = 128
   val_variants: int = 3
   seed: int = 0
+  corpus: str = "embedded"   # corpus sets joined by '+' (corpus.SETS)
+
+
+def synthetic_version() -> tfds.core.Version:
+  """The synthetic store's version, `<degrade.RECIPE_VERSION>.0.0`: stores live in a folder named
+  by it, so code with a new synthesis recipe builds a new store instead of reusing an old one."""
+  return tfds.core.Version(f"{degrade_lib.RECIPE_VERSION}.0.0")
 
 
 def synthetic_config(variants: int = 6, train_max_side: int = 256, val_size: int = 128,
-                     val_variants: int = 3, seed: int = 0) -> SyntheticConfig:
+                     val_variants: int = 3, seed: int = 0,
+                     corpus_sets: str = "embedded") -> SyntheticConfig:
   for key, value, lo in (("variants", variants, 1), ("train_max_side", train_max_side, 0),
                          ("val_size", val_size, 8), ("val_variants", val_variants, 1),
                          ("seed", seed, 0)):
@@ -124,11 +136,16 @@ def synthetic_config(variants: int = 6, train_max_side: int = 256, val_size: int
   if 0 < train_max_side < 16:
     raise FapeError(f"Synthetic pairs config: train_max_side={train_max_side} is too small "
                     "(use 0 for no resizing, or >= 16).")
-  name = f"k{variants}_s{train_max_side}_v{val_size}_e{val_variants}_seed{seed}"
-  return SyntheticConfig(name=name, version=VERSION, variants=int(variants),
+  sets = corpus.parse_sets(corpus_sets)
+  # The images actually installed are part of the name: a store built from a partly installed
+  # set is never reused once more photos are present (or the other way round).
+  names = ",".join(e.name for e in corpus.available("+".join(sets)))
+  tag = "" if sets == ("embedded",) else f"_{'+'.join(sets)}{_crc(names) % 10**6:06d}"
+  name = f"k{variants}_s{train_max_side}_v{val_size}_e{val_variants}_seed{seed}{tag}"
+  return SyntheticConfig(name=name, version=synthetic_version(), variants=int(variants),
                          train_max_side=int(train_max_side), val_size=int(val_size),
                          val_variants=int(val_variants), seed=int(seed),
-                         description=f"embedded corpus, {name}")
+                         corpus="+".join(sets), description=f"corpus {'+'.join(sets)}, {name}")
 
 
 def _resize_u8(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -158,7 +175,12 @@ def prepare_val_image(img: np.ndarray, size: int) -> tuple[np.ndarray, dict]:
 class SyntheticPairs(_CodePathFromFile, tfds.core.GeneratorBasedBuilder):
   """The embedded corpus degraded seven ways (and mixed), with fixed seeds."""
 
-  VERSION = VERSION
+  VERSION = synthetic_version()
+  RELEASE_NOTES = {
+      "1.0.0": "Recipe 1: one narrow draw per task; validation differed only in noise sigmas.",
+      "2.0.0": "Recipe 2: wide training draws (noise kinds, SR scales 2-4 and a classical "
+               "pipeline, ...); validation and mixes use held-out variants.",
+  }
   BUILDER_CONFIGS = [synthetic_config()]
 
   def __init__(self, *, skip_bad: bool = False, **kwargs):
@@ -166,8 +188,11 @@ class SyntheticPairs(_CodePathFromFile, tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
+    # pairs.py reads this back (metadata.json) and refuses a store of another recipe.
+    recipe = tfds.core.MetadataDict(recipe_version=degrade_lib.RECIPE_VERSION,
+                                    recipe_fingerprint=degrade_lib.recipe_fingerprint())
     return tfds.core.DatasetInfo(
-        builder=self, features=features(),
+        builder=self, features=features(), metadata=recipe,
         description="Images bundled with installed Python packages, degraded by "
                     "fape_jax.data.degrade (seven tasks, CDD-11 mixes), fixed seeds.")
 
@@ -180,8 +205,9 @@ class SyntheticPairs(_CodePathFromFile, tfds.core.GeneratorBasedBuilder):
     train = split == "train"
     tasks = degrade_lib.MIX_NAMES if split == "mixes" else tasks_lib.TASKS
     n_var = cfg.variants if train else cfg.val_variants
-    for entry in corpus.split("train" if train else "validation"):
-      raw = corpus.load(entry)
+    for entry in corpus.split("train" if train else "validation", cfg.corpus):
+      # Big wallpapers decode at a reduced JPEG scale, >= 2x the size they are resized to.
+      raw = corpus.load(entry, max_side=2 * (cfg.train_max_side if train else cfg.val_size))
       clean, prep = (prepare_train_image(raw, cfg.train_max_side) if train
                      else prepare_val_image(raw, cfg.val_size))
       for task in tasks:

@@ -1,60 +1,99 @@
 """Seeded synthesis of the seven degradations and their CDD-11-style mixes.
 
-`degrade(clean_uint8, task, seed)` returns a `Sample` with the degraded uint8 image (same size as
-the input) and a JSON-able dict of everything that was drawn. The same seed gives the same bytes:
-every random number comes from one `np.random.Generator` built from the seed, and the library calls
-(scipy FFT convolution, Pillow resize/JPEG) are deterministic. Work happens in float32 [0, 1];
-each step clips to [0, 1] and the result is rounded to 8 bit once at the end (JPEG steps inside the
-super-resolution recipe quantise too, as a real encoder does).
+`degrade(clean_uint8, task, seed, evaluation=False)` returns a `Sample` with the degraded uint8
+image (same size as the input) and a JSON-able dict of everything that was drawn. The same seed
+gives the same bytes: every random number comes from one `np.random.Generator` built from the seed,
+and the library calls (scipy FFT convolution, Pillow resize/JPEG) are deterministic. Work happens
+in float32 [0, 1]; each step clips to [0, 1] and the result is rounded to 8 bit once at the end
+(JPEG steps inside the super-resolution recipes quantise too, as a real encoder does).
 
-Recipes (parameters from the field, see /work/shared/DEGRADATIONS.md; all in pixels of the image
-being degraded, which for the synthetic store is <= 256 px on the long side):
+Two draws per task. Training (`evaluation=False`) covers wide ranges, the union of the field's
+recipes (see /work/shared/DEGRADATIONS.md) and more, because users' photos are not degraded by our
+synthesis. Validation (`evaluation=True`, which the synthetic store's validation and mixes splits
+use) is *held out*: each task uses a kernel family, a recipe variant or a parameter range that the
+training draw never produces (tests check this over hundreds of seeds), at realistic strength, so
+validation measures generalisation rather than recall of our recipe. Denoising is the exception:
+its validation keeps the standard Gaussian sigmas 15/25/50 so numbers compare with the literature.
+All sizes are in pixels of the image being degraded (<= 256 px on the long side in the store).
 
-  denoise            clip(x + sigma * N(0, 1)), sigma in 8-bit units: evaluation takes sigma from
-                     {15, 25, 50} (`EVAL_SIGMAS`, cycled over variants by the builder); training
-                     draws sigma ~ U[5, 50] (the blind U[0, 50] without its near-clean end, which
-                     teaches only the identity and gives an infinite degraded PSNR).
-  deraining          1-3 streak layers sharing a direction within +-30 deg of vertical (+-5 deg per
-                     layer): sparse seeds (density 0.1-0.8 % of pixels) convolved with a rotated
-                     line kernel (length 20-40 px, width 1-3 px), normalised and added with
-                     intensity 0.25-0.7 (additive composite as in OneRestore / MiOIR; from light
-                     to Rain100H-heavy).
-  desnowing          three particle layers (radius ~0.7, ~1.6 and ~3 px; many small, few large),
-                     Gaussian blobs motion-blurred along a common fall direction (line length
-                     2-4x the radius), composited as lq * (1 - m) + m * c with c in [0.85, 1]
-                     (Snow100K / CSD style occlusion).
-  dehazing           I = J t + A (1 - t), t = exp(-beta d), beta ~ U(0.6, 1.8), A ~ U(0.7, 1.0)
-                     with a +-0.04 per-channel tint (MiOIR's ranges, depth normalised to [0, 1]).
-                     The depth `d` is a proxy unless a real depth map is passed
-                     (`degrade(..., depth=array)` or `options={"dehazing": {"depth": array}}`):
-                     0.5 * a vertical ramp (top of the frame far) + 0.5 * the heavily smoothed dark
-                     channel (bright, colourless regions such as sky read as far: the dark-channel
-                     prior run backwards), normalised to [0, 1].
-  deblur             one of: a random motion trajectory (p 0.5; a momentum random walk rasterised
-                     with bilinear splats, extent 7-21 px), a defocus disk (p 0.25; anti-aliased,
-                     radius 1.5-4.5 px), or an anisotropic Gaussian (p 0.25; sigmas 0.8-3 px,
-                     random angle).
-  light_enhancement  y = e * x^g per channel gains (colour shift exp(N(0, 0.08)), mean 1), exposure
-                     e ~ U(0.15, 0.45), gamma g ~ U(1.3, 2.2), then Poisson-Gaussian sensor noise:
-                     Poisson(y * peak) / peak with peak ~ logU(80, 800) photons at white, plus read
-                     noise sigma ~ U(0.002, 0.01).
-  super_resolution   Real-ESRGAN's second-order pipeline with its published options (kernel 7-21 px:
-                     iso/aniso/generalised/plateau Gaussians or sinc; resize up/down/keep with
-                     area/bilinear/bicubic; Gaussian or Poisson noise, gray with p 0.4; JPEG
-                     q 30-95; twice, the second round with milder ranges and blur p 0.8; final
-                     resize to 1/4 with a sinc filter p 0.8 and JPEG in random order), x4 down, then
-                     bicubic back up to the input size (what the executor is fed). Resizes use
-                     Pillow, which anti-aliases when shrinking (the reference uses torch's
-                     interpolate); Poisson noise uses 256 levels (the reference counts the image's
-                     unique values, which is <= 256 for 8-bit input).
+  task               training draw                            validation (held out)
+  denoise            kind: Gaussian i.i.d. colour (p 0.55),   Gaussian i.i.d. colour, sigma from
+                     channel-correlated "gray" (0.15;         {15, 25, 50} (`EVAL_SIGMAS`, cycled
+                     correlation rho 0.7-1), Poisson-Gaussian  over variants by the builder); not
+                     (0.15; var = a x + b with sigma at mid-   held out, for comparability
+                     gray, signal share 0.5-0.95), spatially
+                     correlated (0.15; Gaussian-filtered,
+                     0.5-1.5 px, rescaled to sigma);
+                     sigma ~ U[5, 55] (8-bit units)
+  deblur             camera-shake trajectory (p 0.45, extent  straight uniform linear motion
+                     5-25 px), defocus disk (0.25, radius     (p 0.5, length 8-18 px, any angle)
+                     1-5 px), Gaussian (0.3; isotropic or     or a polygonal-aperture defocus
+                     anisotropic with p 0.5, sigmas 0.6-3.5)  (p 0.5; 5-7 blades, radius 1.5-3.5)
+  deraining          1-3 layers, base angle within +-40 deg   base angle 48-58 deg off vertical
+                     of vertical (+-5 per layer, |angle| <=   (+-2 per layer, so >= 46), screen
+                     45), density 0.05-1 % seeds, length      composite 1 - (1 - x)(1 - r);
+                     10-50, width 1-4 (<= length / 8),        density 0.2-0.6 %, length 20-40,
+                     intensity 0.2-0.8, streak blur sigma     width 1.5-3, intensity 0.35-0.7
+                     0.5-1.2 (p 0.3); additive composite
+  desnowing          three Gaussian-blob layers, radii        the small and medium layers (radii
+                     0.4-1, 1-2.2, 2.2-4 px, densities 15-80,  0.5-0.9, 1.2-2) plus out-of-focus
+                     3-15, 0.3-3 per 10k px, motion-blurred    "bokeh" flakes: disks of radius
+                     1.5-4.5x the radius along a fall angle    4.5-7 px, 0.3-1 per 10k px, opacity
+                     within +-45 deg, colour 0.8-1             0.3-0.6
+  dehazing           beta 0.4-2.2, airlight A 0.6-1.0 with    "dim" (p 0.5): A 0.45-0.57 (tint
+                     a +-0.05 per-channel tint                +-0.03), beta 0.8-1.6; or "dense":
+                                                              beta 2.3-2.7, A 0.7-0.95
+  light_enhancement  exposure 0.08-0.5, gamma 1.2-2.6, then   "linear" (p 0.5): gamma 0.9-1.1,
+                     Poisson-Gaussian sensor noise (peak      exposure 0.1-0.25; or "deep": gamma
+                     80-800 photons, read sigma 0.002-0.01)   2.7-3.0, exposure 0.2-0.5; same noise
+  super_resolution   scale from {2, 3, 4}; Real-ESRGAN's      scale 4, classical pipeline with a
+                     second-order pipeline (p 0.5) or the     Gaussian blur sigma 0.6-1.4 and a
+                     classical one (Gaussian blur sigma        Lanczos downsample (a kernel no
+                     0.3-0.6 x scale p 0.6 / 3-5 px box p 0.2  training pipeline uses), JPEG
+                     / none, then area/bilinear/bicubic        q 75-95 with p 0.5
+                     downsample, Gaussian noise sigma 1-10
+                     p 0.3, JPEG q 50-95 p 0.3)
+
+Recipe details:
+  deraining          sparse seeds convolved with a rotated line kernel, normalised by their 99.9th
+                     percentile and scaled by the intensity; layers combine by max (as OneRestore /
+                     MiOIR; from light to Rain100H-heavy).
+  desnowing          Gaussian blobs scaled to peak near their opacity, streaked along the fall
+                     direction, composited as lq * (1 - m) + m * c (Snow100K / CSD occlusion).
+  dehazing           I = J t + A (1 - t), t = exp(-beta d). The depth `d` is a proxy unless a real
+                     depth map is passed (`degrade(..., depth=array)` or `options={"dehazing":
+                     {"depth": array}}`): 0.5 * a vertical ramp (top of the frame far) + 0.5 * the
+                     heavily smoothed dark channel (bright, colourless regions such as sky read as
+                     far: the dark-channel prior run backwards), normalised to [0, 1].
+  light_enhancement  y = e * x^g with per-channel gains (colour shift exp(N(0, 0.08)), mean 1),
+                     then Poisson(y * peak) / peak plus Gaussian read noise.
+  super_resolution   Real-ESRGAN: its published options (kernel 7-21 px: iso/aniso/generalised/
+                     plateau Gaussians or sinc; resize up/down/keep with area/bilinear/bicubic;
+                     Gaussian or Poisson noise, gray with p 0.4; JPEG q 30-95; twice, the second
+                     round milder with blur p 0.8; final resize to 1/scale with a sinc filter p 0.8
+                     and JPEG in random order). Both pipelines end with bicubic back up to the input
+                     size (what the executor is fed). Resizes use Pillow, which anti-aliases when
+                     shrinking (the reference uses torch's interpolate); Poisson noise uses 256
+                     levels (the reference counts the image's unique values, <= 256 for 8 bit).
   mixes              `fape_jax.tasks.MIXES`, parts applied in order (low light, then rain or snow,
-                     then haze, as CDD-11); the params list every step.
+                     then haze, as CDD-11), each with the same `evaluation` draw; the params list
+                     every step.
+
+`RECIPE_VERSION` names the synthesis: bump it whenever what a seed produces changes. The synthetic
+store's folder version is derived from it (builders.synthetic_version), so a new recipe builds a
+new store instead of reusing an old one; `recipe_fingerprint()` (pinned by tests/test_degrade.py
+and stored in the store's metadata) catches a change that forgot the bump. The Gaussian noise that
+the benchmark builders add to clean-only denoising sets (`evaluation=True` with a given sigma) is
+frozen across versions: tests pin its bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import io
+import json
 import math
 from typing import Any, Mapping, Sequence
 
@@ -65,8 +104,24 @@ from scipy import ndimage, signal, special
 from fape_jax import tasks as tasks_lib
 from fape_jax.errors import FapeError
 
+RECIPE_VERSION = 2  # 1: the narrow single-recipe draws; 2: wide training draws, held-out validation
+
 EVAL_SIGMAS = (15, 25, 50)
-TRAIN_SIGMA_RANGE = (5.0, 50.0)
+TRAIN_SIGMA_RANGE = (5.0, 55.0)
+NOISE_KINDS = ("gaussian", "gray", "poisson_gaussian", "correlated")
+NOISE_KIND_PROB = (0.55, 0.15, 0.15, 0.15)
+BLUR_KINDS = ("motion", "defocus", "gaussian")           # training
+BLUR_KIND_PROB = (0.45, 0.25, 0.30)
+BLUR_HELD_OUT = ("linear_motion", "polygon_defocus")     # validation only
+RAIN_MAX_ANGLE = 45.0      # training |angle| <= this; validation layers are >= 46 deg
+HAZE_BETA = (0.4, 2.2)     # training ranges; validation leaves one of them (see the table)
+HAZE_AIRLIGHT = (0.6, 1.0)
+LOW_EXPOSURE = (0.08, 0.5)
+LOW_GAMMA = (1.2, 2.6)
+SNOW_MAX_RADIUS = 4.0      # training flakes; validation adds bokeh flakes of radius >= 4.5
+SR_SCALES = (2, 3, 4)
+SR_SCALE = 4               # the validation (and benchmark) scale
+SR_TRAIN_DOWN = ("area", "bilinear", "bicubic")  # validation downsamples with "lanczos"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,13 +145,15 @@ def _filter2d(x: np.ndarray, k: np.ndarray) -> np.ndarray:
       np.float32)
 
 
+_RESAMPLE = {"area": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
+             "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
+
+
 def _resize(x: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
   """Resizes float (H, W, C) to (h, w) with Pillow, channel by channel in 32-bit float mode."""
   h, w = max(1, int(size[0])), max(1, int(size[1]))
-  resample = {"area": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
-              "bicubic": Image.Resampling.BICUBIC}[mode]
   chans = [np.asarray(Image.fromarray(np.ascontiguousarray(x[..., c]), mode="F").resize(
-      (w, h), resample)) for c in range(x.shape[2])]
+      (w, h), _RESAMPLE[mode])) for c in range(x.shape[2])]
   return np.stack(chans, axis=-1).astype(np.float32)
 
 
@@ -134,13 +191,18 @@ def line_kernel(length: float, angle_deg: float, width: float = 1.0) -> np.ndarr
   return k / max(float(k.sum()), 1e-8)
 
 
-def _disk_kernel(radius: float) -> np.ndarray:
-  """Anti-aliased disk (4x4 supersampled coverage), normalised."""
+def _aperture_kernel(radius: float, blades: int = 0, rotation: float = 0.0) -> np.ndarray:
+  """Anti-aliased (4x4 supersampled) disk, or regular polygon with `blades` sides, normalised."""
   size = 2 * int(math.ceil(radius)) + 1
   c = size // 2
   sub = (np.arange(size * 4) + 0.5) / 4.0 - 0.5 - c
   yy, xx = np.meshgrid(sub, sub, indexing="ij")
-  cover = (yy ** 2 + xx ** 2 <= radius ** 2).astype(np.float32)
+  edge = radius
+  if blades:  # the polygon's boundary radius at each point's polar angle
+    seg = 2 * np.pi / blades
+    phi = np.mod(np.arctan2(yy, xx) - rotation, seg) - seg / 2
+    edge = radius * math.cos(seg / 2) / np.cos(phi)
+  cover = (np.hypot(yy, xx) <= edge).astype(np.float32)
   k = cover.reshape(size, 4, size, 4).mean(axis=(1, 3))
   return k / k.sum()
 
@@ -191,66 +253,142 @@ def _clip(x: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# The seven degradations: (x float32 HxWx3 in [0, 1], rng, **options) -> (y, params)
+# The seven degradations: (x float32 HxWx3 in [0, 1], rng, *, evaluation, **options) -> (y, params)
+# `evaluation=True` draws the held-out validation variant (see the module docstring).
 # ----------------------------------------------------------------------------------------------
 
-def add_noise(x, rng, *, sigma: float | None = None, evaluation: bool = False):
+def _u(rng, lo_hi: tuple[float, float]) -> float:
+  return float(rng.uniform(lo_hi[0], lo_hi[1]))
+
+
+def add_noise(x, rng, *, sigma: float | None = None, kind: str | None = None,
+              evaluation: bool = False, **_):
+  # Validation, and an explicit sigma without a kind (the benchmark builders' request), is plain
+  # Gaussian drawn exactly as recipe 1 drew it: the benchmark sets keep their bytes.
+  if kind is None:
+    kind = ("gaussian" if evaluation or sigma is not None
+            else str(rng.choice(NOISE_KINDS, p=NOISE_KIND_PROB)))
   if sigma is None:
-    sigma = (float(rng.choice(EVAL_SIGMAS)) if evaluation else float(rng.uniform(
-        *TRAIN_SIGMA_RANGE)))
-  y = x + rng.standard_normal(x.shape, dtype=np.float32) * np.float32(sigma / 255.0)
-  return _clip(y), {"sigma": float(sigma)}
+    sigma = float(rng.choice(EVAL_SIGMAS)) if evaluation else _u(rng, TRAIN_SIGMA_RANGE)
+  s = np.float32(sigma / 255.0)
+  p: dict[str, Any] = {"noise": kind, "sigma": float(sigma)}
+  if kind == "gaussian":
+    y = x + rng.standard_normal(x.shape, dtype=np.float32) * s
+  elif kind == "gray":
+    # A field shared by the channels (luminance noise) mixed with per-channel noise: every channel
+    # keeps std sigma and the channels correlate by rho (1 = pure gray noise).
+    rho = float(rng.uniform(0.7, 1.0))
+    shared = rng.standard_normal(x.shape[:2] + (1,), dtype=np.float32)
+    own = rng.standard_normal(x.shape, dtype=np.float32)
+    y = x + (np.float32(math.sqrt(rho)) * shared + np.float32(math.sqrt(1 - rho)) * own) * s
+    p["rho"] = rho
+  elif kind == "poisson_gaussian":
+    # Sensor noise, var = a x + b: sigma is the std at mid-gray, `signal_share` of that variance
+    # is shot noise (Poisson counts with 1/a photons at white), the rest read noise.
+    share = float(rng.uniform(0.5, 0.95))
+    a = share * float(s) ** 2 / 0.5
+    read = math.sqrt(1.0 - share) * float(s)
+    y = rng.poisson(x.astype(np.float64) / a).astype(np.float32) * np.float32(a)
+    y += rng.standard_normal(x.shape, dtype=np.float32) * np.float32(read)
+    p.update(signal_share=share, peak=1.0 / a, read_sigma=read * 255.0)
+  elif kind == "correlated":
+    # Noise smoothed by a camera's demosaicking/denoising: Gaussian-filtered, rescaled to sigma.
+    width = float(rng.uniform(0.5, 1.5))
+    n = ndimage.gaussian_filter(rng.standard_normal(x.shape, dtype=np.float32),
+                                (width, width, 0), mode="wrap")
+    y = x + n * (s / np.maximum(n.std(axis=(0, 1)), 1e-6))
+    p["correlation_px"] = width
+  else:
+    raise FapeError(f"Unknown noise kind {kind!r}; use one of {', '.join(NOISE_KINDS)}.")
+  return _clip(y.astype(np.float32)), p
 
 
-def add_rain(x, rng, *, angle: float | None = None, layers: int | None = None, **_):
+def add_rain(x, rng, *, angle: float | None = None, layers: int | None = None,
+             evaluation: bool = False, **_):
   h, w = x.shape[:2]
-  base = float(rng.uniform(-30.0, 30.0)) if angle is None else float(angle)
+  if evaluation:  # steeper than any training streak, screen-blended instead of added
+    if angle is None:
+      angle = float(rng.choice([-1.0, 1.0])) * float(rng.uniform(RAIN_MAX_ANGLE + 3, 58.0))
+    jitter, composite = 2.0, "screen"
+  else:
+    if angle is None:
+      angle = float(rng.uniform(-(RAIN_MAX_ANGLE - 5), RAIN_MAX_ANGLE - 5))
+    jitter, composite = 5.0, "add"
+  base = float(angle)
   n = int(rng.integers(1, 4)) if layers is None else int(layers)
   rain = np.zeros((h, w), np.float32)
   plist = []
   for _ in range(n):
-    p = {"density": float(rng.uniform(0.001, 0.008)), "length": float(rng.uniform(20.0, 40.0)),
-         "width": float(rng.uniform(1.0, 3.0)),
-         "angle": float(np.clip(base + rng.uniform(-5.0, 5.0), -35.0, 35.0)),
-         "intensity": float(rng.uniform(0.25, 0.7))}
+    if evaluation:
+      p = {"density": _u(rng, (0.002, 0.006)), "length": _u(rng, (20.0, 40.0)),
+           "width": _u(rng, (1.5, 3.0)), "angle": base + _u(rng, (-jitter, jitter)),
+           # Screen blending lifts bright pixels less than adding: a little more intensity.
+           "intensity": _u(rng, (0.35, 0.7)), "blur": 0.0}
+    else:
+      length = _u(rng, (10.0, 50.0))
+      p = {"density": _u(rng, (0.0005, 0.01)), "length": length,
+           # Streaks stay >= 8x longer than wide: a wider one reads as a blob, not rain.
+           "width": _u(rng, (1.0, max(1.0, min(4.0, length / 8)))),
+           "angle": float(np.clip(base + _u(rng, (-jitter, jitter)), -RAIN_MAX_ANGLE,
+                                  RAIN_MAX_ANGLE)),
+           "intensity": _u(rng, (0.2, 0.8)),
+           "blur": _u(rng, (0.5, 1.2)) if rng.random() < 0.3 else 0.0}  # out-of-focus streaks
     seeds = (rng.random((h, w), dtype=np.float32) < p["density"]).astype(np.float32)
     seeds *= rng.uniform(0.5, 1.0, (h, w)).astype(np.float32)
     layer = _filter2d(seeds, line_kernel(p["length"], p["angle"], p["width"]))
+    if p["blur"]:
+      layer = ndimage.gaussian_filter(layer, p["blur"], mode="reflect")
     peak = float(np.percentile(layer, 99.9)) if layer.any() else 1.0
     layer = np.clip(layer / max(peak, 1e-6), 0.0, 1.0) * p["intensity"]
     rain = np.maximum(rain, layer)
     plist.append(p)
-  return _clip(x + rain[..., None]), {"angle": base, "layers": plist}
+  r = rain[..., None]
+  y = 1.0 - (1.0 - x) * (1.0 - r) if composite == "screen" else x + r
+  return _clip(y), {"angle": base, "composite": composite, "layers": plist}
 
 
-_SNOW_LAYERS = (  # (blob radius range px, particles per 10k px range)
-    ((0.5, 0.9), (20.0, 60.0)),
-    ((1.2, 2.0), (4.0, 12.0)),
-    ((2.4, 3.6), (0.5, 2.5)),
+_SNOW_TRAIN = (  # (blob radius range px, particles per 10k px range)
+    ((0.4, 1.0), (15.0, 80.0)),
+    ((1.0, 2.2), (3.0, 15.0)),
+    ((2.2, SNOW_MAX_RADIUS), (0.3, 3.0)),
 )
+_SNOW_EVAL = (((0.5, 0.9), (20.0, 60.0)), ((1.2, 2.0), (4.0, 12.0)))  # + the bokeh layer
+_SNOW_BOKEH = {"radius": (SNOW_MAX_RADIUS + 0.5, 7.0), "density": (0.3, 1.0),
+               "opacity": (0.3, 0.6)}
 
 
-def add_snow(x, rng, *, angle: float | None = None, **_):
+def _scatter(rng, h: int, w: int, density: float) -> tuple[np.ndarray, int]:
+  """`density` particles per 10k px at random places, each of opacity U(0.6, 1)."""
+  count = max(1, int(round(density * h * w / 1e4)))
+  seeds = np.zeros((h, w), np.float32)
+  ys, xs = rng.integers(0, h, count), rng.integers(0, w, count)
+  np.add.at(seeds, (ys, xs), rng.uniform(0.6, 1.0, count).astype(np.float32))
+  return seeds, count
+
+
+def add_snow(x, rng, *, angle: float | None = None, evaluation: bool = False, **_):
   h, w = x.shape[:2]
   fall = float(rng.uniform(-45.0, 45.0)) if angle is None else float(angle)
-  colour = float(rng.uniform(0.85, 1.0))
+  colour = _u(rng, (0.85, 1.0) if evaluation else (0.8, 1.0))
   mask = np.zeros((h, w), np.float32)
   plist = []
-  for (r_lo, r_hi), (d_lo, d_hi) in _SNOW_LAYERS:
-    radius = float(rng.uniform(r_lo, r_hi))
-    density = float(rng.uniform(d_lo, d_hi))
-    count = max(1, int(round(density * h * w / 1e4)))
-    blur_len = float(radius * rng.uniform(2.0, 4.0))
-    seeds = np.zeros((h, w), np.float32)
-    ys, xs = rng.integers(0, h, count), rng.integers(0, w, count)
-    np.add.at(seeds, (ys, xs), rng.uniform(0.6, 1.0, count).astype(np.float32))
+  for r_range, d_range in (_SNOW_EVAL if evaluation else _SNOW_TRAIN):
+    radius, density = _u(rng, r_range), _u(rng, d_range)
+    blur_len = radius * _u(rng, (2.0, 4.0) if evaluation else (1.5, 4.5))
+    seeds, count = _scatter(rng, h, w, density)
     # Scale the Gaussian so an isolated particle peaks near its drawn opacity (x1.5 saturates
     # the core: snowflakes are opaque in the middle).
     blobs = ndimage.gaussian_filter(seeds, radius, mode="wrap") * (2 * np.pi * radius ** 2) * 1.5
     streak = _filter2d(blobs, line_kernel(max(blur_len, 1.0), fall, 1.0))
     streak *= float(max(blur_len, 1.0)) ** 0.5  # keep motion-blurred flakes visible
     mask = np.maximum(mask, np.clip(streak, 0.0, 1.0))
-    plist.append({"radius": radius, "count": count, "motion_length": blur_len})
+    plist.append({"kind": "flake", "radius": radius, "count": count, "motion_length": blur_len})
+  if evaluation:  # out-of-focus flakes near the lens: bigger than any training flake, translucent
+    radius, density, opacity = (_u(rng, _SNOW_BOKEH[k]) for k in ("radius", "density", "opacity"))
+    seeds, count = _scatter(rng, h, w, density)
+    k = _aperture_kernel(radius)
+    mask = np.maximum(mask, np.clip(_filter2d(seeds, k / k.max()) * opacity, 0.0, 1.0))
+    plist.append({"kind": "bokeh", "radius": radius, "count": count, "opacity": opacity})
   y = x * (1.0 - mask[..., None]) + mask[..., None] * colour
   return _clip(y), {"angle": fall, "colour": colour, "layers": plist,
                     "coverage": float(mask.mean())}
@@ -266,8 +404,14 @@ def depth_proxy(x: np.ndarray) -> np.ndarray:
   return ((d - d.min()) / max(float(d.max() - d.min()), 1e-6)).astype(np.float32)
 
 
+_HAZE_HELD_OUT = {  # variant -> (beta range, airlight range); each leaves one training range
+    "dim": ((0.8, 1.6), (0.45, 0.57)),    # overcast/dusk airlight, below HAZE_AIRLIGHT
+    "dense": ((2.3, 2.7), (0.7, 0.95)),   # thick fog, beyond HAZE_BETA
+}
+
+
 def add_haze(x, rng, *, depth: np.ndarray | None = None, beta: float | None = None,
-             airlight: float | None = None, **_):
+             airlight: float | None = None, evaluation: bool = False, **_):
   h, w = x.shape[:2]
   if depth is None:
     d, source = depth_proxy(x), "proxy"
@@ -279,14 +423,21 @@ def add_haze(x, rng, *, depth: np.ndarray | None = None, beta: float | None = No
     d = d.reshape(h, w)
     d = (d - d.min()) / max(float(d.max() - d.min()), 1e-6)
     source = "given"
-  beta = float(rng.uniform(0.6, 1.8)) if beta is None else float(beta)
-  a = float(rng.uniform(0.7, 1.0)) if airlight is None else float(airlight)
-  tint = rng.uniform(-0.04, 0.04, 3).astype(np.float32)
+  p: dict[str, Any] = {}
+  if evaluation:
+    p["variant"] = "dim" if rng.random() < 0.5 else "dense"
+    (b_range, a_range), tint_amp = _HAZE_HELD_OUT[p["variant"]], 0.03
+  else:
+    b_range, a_range, tint_amp = HAZE_BETA, HAZE_AIRLIGHT, 0.05
+  beta = _u(rng, b_range) if beta is None else float(beta)
+  a = _u(rng, a_range) if airlight is None else float(airlight)
+  tint = rng.uniform(-tint_amp, tint_amp, 3).astype(np.float32)
   a_rgb = np.clip(a + tint, 0.0, 1.0)
   t = np.exp(-beta * d)[..., None]
   y = x * t + a_rgb * (1.0 - t)
-  return _clip(y.astype(np.float32)), {"beta": beta, "airlight": [float(v) for v in a_rgb],
-                                        "depth": source, "t_min": float(t.min())}
+  p.update(beta=beta, airlight_base=a, airlight=[float(v) for v in a_rgb], depth=source,
+           t_min=float(t.min()))
+  return _clip(y.astype(np.float32)), p
 
 
 def motion_kernel(rng, extent: float) -> tuple[np.ndarray, dict]:
@@ -317,28 +468,53 @@ def motion_kernel(rng, extent: float) -> tuple[np.ndarray, dict]:
                                             "heading_deg": float(np.degrees(heading))}
 
 
-def add_blur(x, rng, *, kind: str | None = None, **_):
-  kind = kind or str(rng.choice(["motion", "defocus", "gaussian"], p=[0.5, 0.25, 0.25]))
+def add_blur(x, rng, *, kind: str | None = None, evaluation: bool = False, **_):
+  if kind is None:
+    kind = (str(rng.choice(BLUR_HELD_OUT)) if evaluation
+            else str(rng.choice(BLUR_KINDS, p=BLUR_KIND_PROB)))
   if kind == "motion":
-    k, p = motion_kernel(rng, float(rng.uniform(7.0, 21.0)))
+    k, p = motion_kernel(rng, _u(rng, (5.0, 25.0)))
   elif kind == "defocus":
-    r = float(rng.uniform(1.5, 4.5))
-    k, p = _disk_kernel(r), {"kind": "defocus", "radius": r}
+    r = _u(rng, (1.0, 5.0))
+    k, p = _aperture_kernel(r), {"kind": "defocus", "radius": r}
   elif kind == "gaussian":
-    sx, sy = float(rng.uniform(0.8, 3.0)), float(rng.uniform(0.8, 3.0))
-    th = float(rng.uniform(0, np.pi))
-    size = 2 * int(math.ceil(3 * max(sx, sy))) + 1
-    k = gaussian_kernel(size, sx, sy, th)
-    p = {"kind": "gaussian", "sigma_x": sx, "sigma_y": sy, "theta": th}
+    iso = bool(rng.random() < 0.5)
+    sx = _u(rng, (0.6, 3.5))
+    sy = sx if iso else _u(rng, (0.6, 3.5))
+    th = 0.0 if iso else _u(rng, (0.0, np.pi))
+    k = gaussian_kernel(2 * int(math.ceil(3 * max(sx, sy))) + 1, sx, sy, th)
+    p = {"kind": "gaussian", "isotropic": iso, "sigma_x": sx, "sigma_y": sy, "theta": th}
+  elif kind == "linear_motion":  # held out: a straight, uniform streak (trajectories curve)
+    length, angle = _u(rng, (8.0, 18.0)), _u(rng, (-90.0, 90.0))
+    k, p = line_kernel(length, angle), {"kind": kind, "length": length, "angle": angle}
+  elif kind == "polygon_defocus":  # held out: a diaphragm's polygonal aperture (training: disks)
+    r, blades = _u(rng, (1.5, 3.5)), int(rng.integers(5, 8))
+    rot = _u(rng, (0.0, 2 * np.pi / blades))
+    k = _aperture_kernel(r, blades, rot)
+    p = {"kind": kind, "radius": r, "blades": blades, "rotation": rot}
   else:
-    raise FapeError(f"Unknown blur kind {kind!r}; use motion, defocus or gaussian.")
+    raise FapeError(f"Unknown blur kind {kind!r}; use one of "
+                    f"{', '.join(BLUR_KINDS + BLUR_HELD_OUT)}.")
   p["kernel_size"] = int(k.shape[0])
   return _clip(_filter2d(x, k)), p
 
 
-def add_low_light(x, rng, *, exposure: float | None = None, gamma: float | None = None, **_):
-  e = float(rng.uniform(0.15, 0.45)) if exposure is None else float(exposure)
-  g = float(rng.uniform(1.3, 2.2)) if gamma is None else float(gamma)
+_LOW_HELD_OUT = {  # variant -> (exposure range, gamma range); gamma outside LOW_GAMMA
+    "linear": ((0.1, 0.25), (0.9, 1.1)),  # a plain exposure drop, as raw under-exposure is
+    "deep": ((0.2, 0.5), (2.7, 3.0)),     # the top of OneRestore's Retinex gamma 2-3
+}
+
+
+def add_low_light(x, rng, *, exposure: float | None = None, gamma: float | None = None,
+                  evaluation: bool = False, **_):
+  p: dict[str, Any] = {}
+  if evaluation:
+    p["variant"] = "linear" if rng.random() < 0.5 else "deep"
+    e_range, g_range = _LOW_HELD_OUT[p["variant"]]
+  else:
+    e_range, g_range = LOW_EXPOSURE, LOW_GAMMA
+  e = _u(rng, e_range) if exposure is None else float(exposure)
+  g = _u(rng, g_range) if gamma is None else float(gamma)
   gains = np.exp(rng.normal(0.0, 0.08, 3))
   gains = (gains / gains.mean()).astype(np.float32)
   y = e * np.power(x, g) * gains
@@ -346,8 +522,8 @@ def add_low_light(x, rng, *, exposure: float | None = None, gamma: float | None 
   read = float(rng.uniform(0.002, 0.01))
   y = rng.poisson(np.clip(y, 0, 1).astype(np.float64) * peak).astype(np.float32) / peak
   y += rng.standard_normal(y.shape, dtype=np.float32) * np.float32(read)
-  return _clip(y), {"exposure": e, "gamma": g, "gains": [float(v) for v in gains],
-                    "peak": peak, "read_sigma": read}
+  p.update(exposure=e, gamma=g, gains=[float(v) for v in gains], peak=peak, read_sigma=read)
+  return _clip(y), p
 
 
 # --- Real-ESRGAN second-order pipeline (options as in its train_realesrgan_x4plus.yml) ---
@@ -363,7 +539,6 @@ _ESR = {
             blur_prob=0.8),
 }
 _BETA_G, _BETA_P = (0.5, 4.0), (1.0, 2.0)
-SR_SCALE = 4
 
 
 def _esr_kernel(rng, sigma_range, sinc_prob) -> tuple[np.ndarray, dict]:
@@ -427,9 +602,7 @@ def _esr_round(x, rng, stage: int, out_h: int, out_w: int):
   return x, p
 
 
-def add_sr(x, rng, *, scale: int = SR_SCALE, **_):
-  h, w = x.shape[:2]
-  lh, lw = max(1, h // scale), max(1, w // scale)
+def _realesrgan(x, rng, lh: int, lw: int) -> tuple[np.ndarray, dict]:
   y, p1 = _esr_round(x, rng, 1, lh, lw)
   y, p2 = _esr_round(y, rng, 2, lh, lw)
   mode = str(rng.choice(["area", "bilinear", "bicubic"]))
@@ -448,11 +621,57 @@ def add_sr(x, rng, *, scale: int = SR_SCALE, **_):
   else:
     y = _clip(_filter2d(_resize(y, (lh, lw), mode), sk))
     y = _jpeg(y, q)
+  return y, {"round1": p1, "round2": p2,
+             "final": {"resize_mode": mode, "sinc": final_sinc, "sinc_cutoff": cutoff,
+                       "sinc_size": size, "jpeg": q, "jpeg_first": jpeg_first}}
+
+
+def _classical_sr(x, rng, scale: int, lh: int, lw: int,
+                  evaluation: bool) -> tuple[np.ndarray, dict]:
+  """Blur, downsample with one Pillow kernel, optional light noise and JPEG (BI/BD-style)."""
+  if evaluation:
+    blur = {"kind": "gaussian", "sigma": _u(rng, (0.6, 1.4))}
+  else:
+    r = rng.random()
+    blur = ({"kind": "gaussian", "sigma": _u(rng, (0.3, 0.6 * scale))} if r < 0.6 else
+            {"kind": "box", "size": int(rng.choice([3, 5])) if scale > 2 else 3} if r < 0.8 else
+            None)
+  if blur and blur["kind"] == "gaussian":
+    s = blur["sigma"]
+    x = _clip(_filter2d(x, gaussian_kernel(2 * int(math.ceil(3 * s)) + 1, s, s, 0.0)))
+  elif blur:  # odd box widths keep the image centred on the clean one
+    x = _clip(_filter2d(x, np.full((blur["size"],) * 2, 1.0 / blur["size"] ** 2, np.float32)))
+  mode = "lanczos" if evaluation else str(rng.choice(SR_TRAIN_DOWN))
+  y = _clip(_resize(x, (lh, lw), mode))
+  noise = None
+  if not evaluation and rng.random() < 0.3:
+    noise = _u(rng, (1.0, 10.0))
+    y = _clip(y + rng.standard_normal(y.shape, dtype=np.float32) * np.float32(noise / 255.0))
+  q = None
+  if rng.random() < (0.5 if evaluation else 0.3):
+    q = int(rng.integers(75, 96) if evaluation else rng.integers(50, 96))
+    y = _jpeg(y, q)
+  return y, {"blur": blur, "downsample": mode, "noise_sigma": noise, "jpeg": q}
+
+
+def add_sr(x, rng, *, scale: int | None = None, pipeline: str | None = None,
+           evaluation: bool = False, **_):
+  if scale is None:
+    scale = SR_SCALE if evaluation else int(rng.choice(SR_SCALES))
+  if pipeline is None:
+    pipeline = "classical" if evaluation or rng.random() >= 0.5 else "realesrgan"
+  h, w = x.shape[:2]
+  lh, lw = max(1, h // scale), max(1, w // scale)
+  if pipeline == "realesrgan":
+    y, p = _realesrgan(x, rng, lh, lw)
+  elif pipeline == "classical":
+    y, p = _classical_sr(x, rng, int(scale), lh, lw, evaluation)
+  else:
+    raise FapeError(f"Unknown super-resolution pipeline {pipeline!r}; use realesrgan or "
+                    "classical.")
   lr = np.round(y * 255.0) / 255.0
   up = _clip(_resize(lr.astype(np.float32), (h, w), "bicubic"))
-  return up, {"scale": scale, "lr_size": [lh, lw], "round1": p1, "round2": p2,
-              "final": {"resize_mode": mode, "sinc": final_sinc, "sinc_cutoff": cutoff,
-                        "sinc_size": size, "jpeg": q, "jpeg_first": jpeg_first},
+  return up, {"scale": int(scale), "pipeline": pipeline, "lr_size": [lh, lw], **p,
               "upsample": "bicubic"}
 
 
@@ -488,12 +707,14 @@ def degrade(clean: np.ndarray, task: str | Sequence[str], seed: int | Sequence[i
     clean: the clean image, uint8 (H, W, 3).
     task: a task name, a mix name ('light_enhancement+dehazing') or a tuple of task names.
     seed: an int or a sequence of ints (e.g. (base_seed, image, task, variant)).
-    evaluation: denoise draws sigma from EVAL_SIGMAS instead of the training range.
+    evaluation: draw the held-out validation variants (module docstring) instead of the wide
+      training ranges; denoise takes sigma from EVAL_SIGMAS.
     depth: optional real depth map (H, W) for dehazing (any units; normalised to [0, 1]).
     options: per-task keyword overrides, e.g. {"denoise": {"sigma": 25}}.
 
   Returns:
-    Sample(degraded uint8 HxWx3, params) where params = {"task", "seed", "steps": [...]}.
+    Sample(degraded uint8 HxWx3, params) where params = {"task", "seed", "recipe", "evaluation",
+    "steps": [...]}.
   """
   clean = np.asarray(clean)
   if clean.dtype != np.uint8 or clean.ndim != 3 or clean.shape[2] != 3 or 0 in clean.shape:
@@ -506,11 +727,43 @@ def degrade(clean: np.ndarray, task: str | Sequence[str], seed: int | Sequence[i
   steps = []
   for part in parts:
     kw = dict((options or {}).get(part, {}))
-    if part == "denoise":
-      kw.setdefault("evaluation", evaluation)
+    kw.setdefault("evaluation", evaluation)
     if part == "dehazing" and depth is not None:
       kw.setdefault("depth", depth)
     x, p = SYNTHESIZERS[part](x, rng, **kw)
     steps.append({"task": part, **p})
   return Sample(_to_uint8(x), {"task": tasks_lib.mix_name(parts), "seed": seed_list,
+                               "recipe": RECIPE_VERSION, "evaluation": bool(evaluation),
                                "steps": steps})
+
+
+_MEASURED = frozenset({"t_min", "coverage"})  # image statistics, not draws
+
+
+def _canonical(v: Any) -> Any:
+  if isinstance(v, dict):
+    return {k: _canonical(w) for k, w in v.items() if k not in _MEASURED}
+  if isinstance(v, (list, tuple)):
+    return [_canonical(w) for w in v]
+  if isinstance(v, float):
+    return float(f"{v:.6g}")
+  return v
+
+
+@functools.cache
+def recipe_fingerprint() -> str:
+  """A short hash of what every task draws and makes, train and held-out, on a fixed probe.
+
+  Params are rounded to 6 significant digits and each image is summarised by its mean to 0.1
+  (8-bit units), so last-bit floating-point differences between machines leave it alone, while
+  a changed range, family or formula moves it.
+  """
+  yy, xx = np.mgrid[0:48, 0:48]
+  probe = np.stack([xx * 5, yy * 5, 20 + (xx + yy) * 2], axis=-1).astype(np.uint8)
+  rows = []
+  for task in tasks_lib.TASKS:
+    for evaluation in (False, True):
+      for seed in range(3):
+        s = degrade(probe, task, [seed], evaluation=evaluation)
+        rows.append([_canonical(s.params), round(float(s.degraded.mean()), 1)])
+  return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]

@@ -10,20 +10,27 @@
 fields (`variants_per_image`, `train_max_side`, `val_size`, optional `val_variants`, `seed`),
 e.g. `config.data` from configs/base.py; None means the defaults.
 
-Stores live in `data_dir/synthetic_pairs/<config name>/1.0.0` and `data_dir/paired_folders/<name>/
-1.0.0`. Building is not coordinated across processes: on several hosts, prepare on process 0 (or
-before launching) and let the others open the finished store after a barrier.
+Stores live in `data_dir/synthetic_pairs/<config name>/<recipe>.0.0` (recipe =
+degrade.RECIPE_VERSION) and `data_dir/paired_folders/<name>/1.0.0`. A synthetic store is never
+reused across synthesis recipes: a new recipe builds its own folder (an older one is left alone,
+with a warning), and a store whose recorded recipe (metadata.json) is not this code's is refused
+with a FapeError that says to delete and rebuild it. Building is not coordinated across processes:
+on several hosts, prepare on process 0 (or before launching) and let the others open the finished
+store after a barrier.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from typing import Any
 
 import tensorflow_datasets as tfds
 
 from fape_jax.data import builders
+from fape_jax.data import degrade
 from fape_jax.errors import FapeError
 
 SYNTHETIC = "synthetic"
@@ -39,7 +46,8 @@ def synthetic_config(config: Any = None) -> builders.SyntheticConfig:
   get = lambda k, d: config.get(k, d) if hasattr(config, "get") else getattr(config, k, d)
   return builders.synthetic_config(
       variants=get("variants_per_image", 6), train_max_side=get("train_max_side", 256),
-      val_size=get("val_size", 128), val_variants=get("val_variants", 3), seed=get("seed", 0))
+      val_size=get("val_size", 128), val_variants=get("val_variants", 3), seed=get("seed", 0),
+      corpus_sets=get("corpus", "embedded"))
 
 
 class PairsSource:
@@ -84,14 +92,49 @@ def _builder(data_dir: str, name: str, config: Any = None, *, skip_bad: bool = F
                   f"{', '.join(builders.LAYOUTS)}.")
 
 
+def _other_recipes(b) -> list[str]:
+  """Versions (= synthesis recipes) of the same synthetic config stored next to `b`'s folder."""
+  parent = os.path.dirname(os.fspath(b.data_dir))
+  names = os.listdir(parent) if os.path.isdir(parent) else []
+  return sorted(n for n in names if re.fullmatch(r"\d+\.\d+\.\d+", n) and n != str(b.version))
+
+
+def _check_recipe(b) -> None:
+  """Refuses a synthetic store that a different synthesis recipe built: never reuse it silently."""
+  try:
+    with open(os.path.join(os.fspath(b.data_dir), "metadata.json"), encoding="utf-8") as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    meta = {}  # recipe-1 code recorded nothing
+  built = meta.get("recipe_version")
+  if built != degrade.RECIPE_VERSION:
+    by = f"synthesis recipe {built}" if built else "synthesis code that recorded no recipe"
+    raise FapeError(f"The synthetic pairs store {b.data_dir} was built by {by}, not by this "
+                    f"code's recipe {degrade.RECIPE_VERSION}, so it is not reused. Delete that "
+                    "folder and build it again with pairs.prepare_synthetic(data_dir, config).")
+  if meta.get("recipe_fingerprint") != degrade.recipe_fingerprint():
+    # Same recipe number, different draws: a recipe edit without a version bump, or a library
+    # (numpy) whose random streams changed. The data is of the recipe but no longer regenerates.
+    logging.warning(
+        "The synthetic pairs store %s was built by recipe %s code whose draws differ from this "
+        "code's (fingerprint %s, now %s): its records no longer regenerate from their seeds. If "
+        "the synthesis changed, bump degrade.RECIPE_VERSION; otherwise delete the folder to "
+        "rebuild it.", b.data_dir, built, meta.get("recipe_fingerprint"),
+        degrade.recipe_fingerprint())
+
+
 def prepare_synthetic(data_dir: str | os.PathLike, config: Any = None, *,
                       skip_bad: bool = False) -> str:
   """Builds the synthetic store under data_dir unless it exists; returns its folder."""
   b = _builder(os.fspath(data_dir), SYNTHETIC, config, skip_bad=skip_bad)
   if not b.is_prepared():
+    if others := _other_recipes(b):
+      logging.warning("Not reusing the synthetic pairs stores of other synthesis recipes (%s) "
+                      "next to %s; delete them to free the space.", ", ".join(others), b.data_dir)
     logging.info("Building the synthetic pairs store %s in %s (once; later runs reuse it).",
                  b.builder_config.name, b.data_dir)
     b.download_and_prepare()
+  _check_recipe(b)
   return os.fspath(b.data_dir)
 
 
@@ -111,11 +154,17 @@ def open_pairs(data_dir: str | os.PathLike, name: str, split: str,
                config: Any = None) -> PairsSource:
   """Opens one split of a prepared store as a random-access source."""
   b = _builder(os.fspath(data_dir), name, config)
+  synthetic = name == SYNTHETIC
   if not b.is_prepared():
-    how = ("pairs.prepare_synthetic(data_dir, config)" if name == SYNTHETIC
+    how = ("pairs.prepare_synthetic(data_dir, config)" if synthetic
            else f"pairs.prepare_folder(data_dir, {name!r}, manual_dir)")
-    raise FapeError(f"No {name} pairs store in {data_dir} (looked for {b.data_dir}); build it "
-                    f"first with {how}.")
+    others = _other_recipes(b) if synthetic else []
+    old = (f" Stores of other synthesis recipes ({', '.join(others)}) are next to it but are "
+           "not reused: the synthesis changed." if others else "")
+    raise FapeError(f"No {name} pairs store in {data_dir} (looked for {b.data_dir}).{old} Build "
+                    f"it first with {how}.")
+  if synthetic:
+    _check_recipe(b)
   splits = list(b.info.splits.keys())
   if split not in splits:
     raise FapeError(f"The {name} pairs store has no split {split!r}; it has {splits}.")
