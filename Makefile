@@ -10,7 +10,11 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-.PHONY: setup train test test-fast clean-venv
+# The 'wallpapers' corpus set (fape_jax/data/corpus.py): photos from Debian wallpaper packages.
+CORPUS_PACKAGES := mate-backgrounds lomiri-wallpapers-16.04 plasma-workspace-wallpapers
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: setup corpus train test test-fast clean-venv
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,12 +24,23 @@ $(VENV)/.installed: requirements.txt
 
 setup: $(VENV)/.installed
 
+# Installs the wallpaper photos once (apt-get; a no-op when present). Without apt-get, train on
+# the photos bundled with Python packages: make train TRAIN_ARGS=--config.data.corpus=embedded
+corpus:
+	@if dpkg-query -W -f='$${Status}\n' $(CORPUS_PACKAGES) 2>/dev/null | grep -vq "ok installed" \
+	  || ! dpkg-query -W $(CORPUS_PACKAGES) >/dev/null 2>&1; then \
+	  command -v apt-get >/dev/null || { echo "make corpus: no apt-get here; install \
+	  $(CORPUS_PACKAGES) or pass TRAIN_ARGS=--config.data.corpus=embedded" >&2; exit 1; }; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    --no-install-recommends $(CORPUS_PACKAGES) >/dev/null; fi
+
 # The embedded default: prepares the pairs and plan stores if missing, trains, validates.
-train: setup
-	$(PY) -m fape_jax.train --config=configs/base.py --workdir=$(WORKDIR)
+TRAIN_ARGS ?=
+train: setup $(if $(findstring corpus=embedded,$(TRAIN_ARGS)),,corpus)
+	$(PY) -m fape_jax.train --config=configs/base.py --workdir=$(WORKDIR) $(TRAIN_ARGS)
 
 # pytest exit code 5 means "no tests collected": that is a failure here, not a pass.
-test: setup
+test: setup corpus
 	$(PY) -m pytest tests $(XDIST) --durations=15 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -100,6 +100,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = "data"          # stores are built here when missing (relative to the cwd)
   c.data.name = "synthetic"         # pairs store: the embedded synthetic corpus, or a benchmark
+  # Photos the synthetic store degrades (fape_jax/data/corpus.py): 'embedded' (11 bundled with
+  # Python packages) + 'wallpapers' (36 from Debian packages; `make corpus` installs them).
+  c.data.corpus = "embedded+wallpapers"
   c.data.manual_dir = ""            # benchmark name: its folder in the usual layout (built once)
   c.data.variants_per_image = 6     # K degraded variants per corpus image per task
   c.data.train_max_side = 256       # train images are resized so their long side is <= this
@@ -133,9 +136,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.lora = lora_moe.default_lora_config()
   c.train_base_unet = True          # from scratch: the whole UNet trains (no pretrained weights)
   c.init_from = ""                  # local diffusers folder (unet/, vae/) or exported adapters
+  # A frozen base (train_base_unet=False) needs init_from; True allows random base weights (tests,
+  # smoke runs). Otherwise training refuses to start rather than adapt a random network.
+  c.allow_random_base = False
 
   # --- losses ---
   c.loss = ml_collections.ConfigDict(dict(w_mse=50.0, w_lpips=5.0, w_adv=0.5, w_freq=1e-3))
+  # Per-sample weights of the MSE term (losses.reconstruction_loss): 'psnr' weighs each sample by
+  # 1 / its current error, i.e. optimises mean PSNR, so the small-error full-resolution tasks
+  # (denoise, deblur, SR) are learned alongside haze and low light (README "Training objective").
+  c.loss.balance = "psnr"
   # LPIPS needs local weights (torchvision VGG16 + lpips' vgg.pth); unset = term switched off.
   c.lpips = ml_collections.ConfigDict(dict(vgg16_path="", lin_path=""))
   # Discriminator: fields in discriminator.default_discriminator_config. The embedded default
@@ -188,6 +198,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.disc.level_fractions = (0.5, 1.0)
     c.disc.head_width = 8
     c.data.variants_per_image = 1
+    c.data.corpus = "embedded"
     c.data.train_max_side = 64
     c.data.val_size = 32
     c.data.crop = 32
