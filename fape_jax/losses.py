@@ -58,9 +58,12 @@ def reconstruction_loss(restored: jax.Array, clean: jax.Array, degraded: jax.Arr
     'psnr'   sample i weighted by 1 / MSE(restored_i, clean_i): the gradient of the batch's mean
              log-MSE, i.e. of mean PSNR, the metric every table reports; a dB gained on noise
              counts as much as a dB gained on haze.
-  Weights are constants (stop-gradient) normalised to mean 1 over the batch, so the term keeps
-  MSE's units and its balance against the adversarial and frequency terms. `eps` (in [-1, 1]
-  pixel units; 1e-4 = PSNR ~46 dB) bounds the weight of near-perfect samples.
+  Weights are constants (stop-gradient) scaled by the batch mean of the reference error, w_i =
+  mean(ref) / ref_i, so the term's value stays the plain MSE's (what its weight `w_mse` was set
+  for) while its gradient goes to every sample in proportion to its relative error. (Weights
+  normalised to mean 1 instead shrink the term ~10x on a mixed batch, and the adversarial term
+  then outweighs it.) `eps` (in [-1, 1] pixel units; 1e-4 = PSNR ~46 dB) bounds the weight of
+  near-perfect samples.
   """
   axes = tuple(range(1, restored.ndim))
   per = jnp.mean(jnp.square(restored.astype(jnp.float32) - clean), axis=axes)
@@ -72,5 +75,5 @@ def reconstruction_loss(restored: jax.Array, clean: jax.Array, degraded: jax.Arr
     ref = per
   else:
     raise FapeError(f"--config.loss.balance={balance!r}: use one of {BALANCE_MODES}.")
-  w = jax.lax.stop_gradient(1.0 / (ref + eps))
-  return jnp.mean(w / jnp.mean(w) * per)
+  w = jax.lax.stop_gradient(jnp.mean(ref) / (ref + eps))
+  return jnp.mean(w * per)
