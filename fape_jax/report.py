@@ -6,7 +6,8 @@ JavaScript, so the report opens from disk in any browser with no server and no n
 
   evaluation_report(metrics, samples)   the `evaluate` report (per-set tables, per-task sections
                                          with before / after / ground-truth grids, plan texts and
-                                         routing plots per task and band)
+                                         routing plots per task and band, a layer x task
+                                         routing heatmap per set)
   ablation_report(result)               the `ablate` report (Table-4-style comparison)
 """
 
@@ -149,6 +150,30 @@ def routing_band_figure(routing: Mapping[str, Mapping[str, Sequence[float]]], ti
   return fig
 
 
+def routing_heatmap_figure(routing: Mapping[str, Mapping[str, Sequence[float]]],
+                           title: str = "weight on the high-frequency expert"):
+  """Layers (y) x tasks (x), colour = mean w_high: a row of one colour is a layer where every
+  task prefers the same expert (issue 14, no dead experts)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  tasks = sorted(routing, key=lambda t: (tasks_lib.TASK_ID.get(t, len(tasks_lib.TASKS)), t))
+  layers = sorted({l for r in routing.values() for l in r})
+  grid = np.asarray([[routing[t].get(l, [np.nan, np.nan])[1] for t in tasks] for l in layers],
+                    np.float32).reshape(len(layers), len(tasks))
+  fig, ax = plt.subplots(figsize=(2.0 + 0.45 * len(tasks), 1.2 + 0.14 * max(len(layers), 4)))
+  im = ax.imshow(grid, cmap="coolwarm", vmin=0.0, vmax=1.0, aspect="auto",
+                 interpolation="nearest")
+  ax.set_xticks(range(len(tasks)))
+  ax.set_xticklabels([f"{t} ({tasks_lib.FOCUS[t]})" if t in tasks_lib.FOCUS else t
+                      for t in tasks], rotation=60, ha="right", fontsize=6)
+  ax.set_yticks(range(len(layers)))
+  ax.set_yticklabels([_short_layer(l) for l in layers], fontsize=5)
+  fig.colorbar(im, ax=ax, fraction=0.08, pad=0.03).set_label("w_high", fontsize=7)
+  ax.set_title(title, fontsize=8)
+  return fig
+
+
 def routing_task_figure(routing: Mapping[str, Sequence[float]], title: str):
   """Stacked bars of [w_low, w_high] per adapted layer for one task."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -168,6 +193,20 @@ def routing_task_figure(routing: Mapping[str, Sequence[float]], title: str):
   ax.set_title(title, fontsize=9)
   ax.legend(fontsize=7, loc="upper right")
   return fig
+
+
+def routing_heatmap_section(routing: Mapping[str, Mapping[str, Sequence[float]]],
+                            name: str) -> str:
+  """The heatmap as a figure, captioned with `validation.routing_summary` of the same routing."""
+  from fape_jax import validation  # pylint: disable=g-import-not-at-top  (pulls in jax)
+  summary = validation.routing_summary(routing)
+  dead = summary["single_expert_layer_names"]
+  listed = (": " + ", ".join(f"<code>{esc(_short_layer(l))}</code>" for l in dead[:12]) +
+            (" ..." if len(dead) > 12 else "")) if dead else ""
+  return ("<figure>" + img(figure_data_uri(routing_heatmap_figure(
+      routing, f"{name}: weight on the high-frequency expert")), alt=f"{name} routing heatmap") +
+          f"<figcaption>{esc(validation.format_routing_summary(summary))}. Layers where every "
+          f"task has the same dominant expert{listed or ': none'}.</figcaption></figure>")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,6 +309,8 @@ def evaluation_report(metrics: Mapping[str, Any],
           routing, f"{name}: per-layer routing by band")), alt=f"{name} routing by band") +
                   "<figcaption>Mean weight on the high-frequency expert per adapted layer, "
                   "low-band tasks (left) and high-band tasks (right).</figcaption></figure>")
+    if routing:
+      body.append(routing_heatmap_section(routing, name))
     for task, t in s["tasks"].items():
       body.append(f"<section id=\"{anchor(name, task)}\">")
       band = tasks_lib.FOCUS.get(task, "mixed")

@@ -185,6 +185,10 @@ def test_report_is_self_contained_html_with_every_task(evaluated):
   assert "<script" not in lowered and "<link" not in lowered and "@import" not in lowered
   # Sample grids come with their plan text.
   assert "Task: " in text and "Pipeline: " in text
+  # Each set's layer x task routing heatmap, captioned with its summary.
+  for name in metrics["sets"]:
+    assert f'alt="{name} routing heatmap"' in text
+  assert "Routing: " in text and "adapted layers" in text
 
 
 def report_id(name, task):

@@ -173,3 +173,10 @@ def test_two_processes_resume_and_match_one_process(data_dir, tmp_path):
     assert val_two["tasks"][task]["n"] == r["n"]
     for k in ("degraded_psnr", "restored_psnr"):
       np.testing.assert_allclose(val_two["tasks"][task][k], r[k], rtol=1e-4, err_msg=task)
+  # So are the per-task routing means (each process's own rows, sums gathered to process 0).
+  assert val_two["routing"].keys() == val_one["routing"].keys() and val_one["routing"]
+  for task, r in val_one["routing"].items():
+    assert val_two["routing"][task].keys() == r.keys() and r, task
+    for layer, w in r.items():
+      np.testing.assert_allclose(val_two["routing"][task][layer], w, rtol=1e-4, atol=1e-5,
+                                 err_msg=f"{task} {layer}")

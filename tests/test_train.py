@@ -68,6 +68,13 @@ def test_run_writes_checkpoints_logs_validation_and_samples(full_run):
   assert all(np.isfinite(r["restored_psnr"]) for r in table.values())
   saved = json.loads(open(os.path.join(workdir, "validation.json")).read())
   assert saved["step"] == 6 and saved["tasks"].keys() == table.keys()
+  # Mean routing per task over the same adapted layers (issue 14), and its summary.
+  layers = set(saved["routing"]["deraining"])
+  assert saved["routing"].keys() == table.keys() and layers
+  assert all(r.keys() == layers and all(abs(sum(w) - 1) < 1e-4 for w in r.values())
+             for r in saved["routing"].values())
+  assert saved["routing_summary"]["layers"] == len(layers)
+  assert isinstance(saved["routing_summary"]["premise_holds"], bool)
   assert os.listdir(os.path.join(workdir, "samples")) == ["step_0000006.png"]
   assert os.listdir(os.path.join(workdir, "tb"))
   assert json.loads(open(os.path.join(workdir, "config.json")).read())["variant"] == "tiny"
