@@ -19,7 +19,7 @@ ALL = tuple(tasks_lib.TASKS) + D.MIX_NAMES
 
 # The recipe's fingerprint per RECIPE_VERSION. If this test fails, what a seed produces changed:
 # bump degrade.RECIPE_VERSION (synthetic stores are then rebuilt, never reused) and add its value.
-FINGERPRINTS = {2: "484911bab72357f9"}
+FINGERPRINTS = {2: "484911bab72357f9", 3: "093e0b34ce80b1e1"}
 # Noise added to the clean-only benchmark sets (PairedFolders): frozen across recipe versions.
 BENCHMARK_NOISE_SHA = {15: "80018c34918eaab6", 25: "404cbe2772665a8c", 50: "ede7094870663f31"}
 
@@ -260,8 +260,8 @@ def test_mix_is_the_composition_of_its_parts(photo):
   assert [p["task"] for p in s.params["steps"]] == mix.split("+")
   # A validation mix draws every part's held-out variant.
   low, rain, haze = D.degrade(photo, mix, [7, 7], evaluation=True).params["steps"]
-  assert low["variant"] in ("linear", "deep") and rain["composite"] == "screen"
-  assert haze["variant"] in ("dim", "dense")
+  assert D.LOW_GAMMA_GAP[0] <= low["gamma"] <= D.LOW_GAMMA_GAP[1] and rain["composite"] == "screen"
+  assert D.HAZE_BETA_GAP[0] <= haze["beta"] <= D.HAZE_BETA_GAP[1]
 
 
 def test_every_mix_in_tasks_is_supported(photo):
@@ -326,8 +326,10 @@ def test_deblur_draws(draws):
 def test_rain_draws(draws):
   train, val = draws["deraining", False], draws["deraining", True]
   angles = [abs(layer["angle"]) for p in train for layer in p["layers"]]
-  assert max(angles) <= D.RAIN_MAX_ANGLE and max(angles) > 40
-  assert min(abs(layer["angle"]) for p in val for layer in p["layers"]) > D.RAIN_MAX_ANGLE
+  assert max(angles) <= D.RAIN_MAX_ANGLE and max(angles) > 50 and min(angles) < 10
+  assert not any(D.RAIN_GAP[0] < a < D.RAIN_GAP[1] for a in angles)
+  assert all(D.RAIN_GAP[0] < abs(layer["angle"]) < D.RAIN_GAP[1]
+             for p in val for layer in p["layers"])
   assert {p["composite"] for p in train} == {"add"} and {p["composite"] for p in val} == {"screen"}
   layers = [layer for p in train for layer in p["layers"]]
   for key, lo_hi in (("width", (1, 4)), ("intensity", (0.2, 0.8)), ("length", (10, 50))):
@@ -343,24 +345,29 @@ def test_snow_draws(draws):
                  for layer in p["layers"]) for p in val)
 
 
+def _in_gap(v, gap):
+  return gap[0] < v < gap[1]
+
+
 def test_haze_draws(draws):
   train, val = draws["dehazing", False], draws["dehazing", True]
   assert all(_inside(p["beta"], D.HAZE_BETA) and _inside(p["airlight_base"], D.HAZE_AIRLIGHT)
              for p in train)
-  # Every validation haze leaves exactly one training range: dim airlight or dense fog.
-  for p in val:
-    dim, dense = p["airlight_base"] < D.HAZE_AIRLIGHT[0], p["beta"] > D.HAZE_BETA[1]
-    assert dim != dense and p["variant"] == ("dim" if dim else "dense")
-    assert max(p["airlight"]) <= 0.6 if dim else True  # the tint keeps it dim
-  assert {p["variant"] for p in val} == {"dim", "dense"}
+  assert not any(_in_gap(p["beta"], D.HAZE_BETA_GAP) or
+                 _in_gap(p["airlight_base"], D.HAZE_AIRLIGHT_GAP) for p in train)
+  # Both sides of each gap are trained on; validation lies inside both gaps.
+  for key, gap in (("beta", D.HAZE_BETA_GAP), ("airlight_base", D.HAZE_AIRLIGHT_GAP)):
+    assert min(p[key] for p in train) < gap[0] and max(p[key] for p in train) > gap[1]
+    assert all(_inside(p[key], gap) for p in val)
 
 
 def test_low_light_draws(draws):
   train, val = draws["light_enhancement", False], draws["light_enhancement", True]
   assert all(_inside(p["gamma"], D.LOW_GAMMA) and _inside(p["exposure"], D.LOW_EXPOSURE)
              for p in train)
-  assert all(not _inside(p["gamma"], D.LOW_GAMMA) for p in val)
-  assert {p["variant"] for p in val} == {"linear", "deep"}
+  assert not any(_in_gap(p["gamma"], D.LOW_GAMMA_GAP) for p in train)
+  assert min(p["gamma"] for p in train) < 1.2 and max(p["gamma"] for p in train) > 2.6
+  assert all(_inside(p["gamma"], D.LOW_GAMMA_GAP) for p in val)
 
 
 def _sr_modes(p):

@@ -180,6 +180,8 @@ class SyntheticPairs(_CodePathFromFile, tfds.core.GeneratorBasedBuilder):
       "1.0.0": "Recipe 1: one narrow draw per task; validation differed only in noise sigmas.",
       "2.0.0": "Recipe 2: wide training draws (noise kinds, SR scales 2-4 and a classical "
                "pipeline, ...); validation and mixes use held-out variants.",
+      "3.0.0": "Recipe 3: continuous strengths held out as gaps inside wider training ranges "
+               "(haze, low-light gamma, rain angle).",
   }
   BUILDER_CONFIGS = [synthetic_config()]
 

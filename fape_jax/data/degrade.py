@@ -12,7 +12,9 @@ recipes (see /work/shared/DEGRADATIONS.md) and more, because users' photos are n
 synthesis. Validation (`evaluation=True`, which the synthetic store's validation and mixes splits
 use) is *held out*: each task uses a kernel family, a recipe variant or a parameter range that the
 training draw never produces (tests check this over hundreds of seeds), at realistic strength, so
-validation measures generalisation rather than recall of our recipe. Denoising is the exception:
+validation measures generalisation rather than recall of our recipe. Continuous strengths are held
+out as gaps inside the training ranges (a user's photo lies between the strengths we trained on,
+not beyond all of them); kernel families and composites are held out whole. Denoising is the exception:
 its validation keeps the standard Gaussian sigmas 15/25/50 so numbers compare with the literature.
 All sizes are in pixels of the image being degraded (<= 256 px on the long side in the store).
 
@@ -29,23 +31,25 @@ All sizes are in pixels of the image being degraded (<= 256 px on the long side 
                      5-25 px), defocus disk (0.25, radius     (p 0.5, length 8-18 px, any angle)
                      1-5 px), Gaussian (0.3; isotropic or     or a polygonal-aperture defocus
                      anisotropic with p 0.5, sigmas 0.6-3.5)  (p 0.5; 5-7 blades, radius 1.5-3.5)
-  deraining          1-3 layers, base angle within +-40 deg   base angle 48-58 deg off vertical
-                     of vertical (+-5 per layer, |angle| <=   (+-2 per layer, so >= 46), screen
-                     45), density 0.05-1 % seeds, length      composite 1 - (1 - x)(1 - r);
-                     10-50, width 1-4 (<= length / 8),        density 0.2-0.6 %, length 20-40,
-                     intensity 0.2-0.8, streak blur sigma     width 1.5-3, intensity 0.35-0.7
-                     0.5-1.2 (p 0.3); additive composite
+  deraining          1-3 layers, base angle within +-55 deg   base angle 29-37 deg off vertical
+                     of vertical (+-5 per layer, |angle| <=   (+-2 per layer: inside the gap),
+                     60, never inside the 27-39 deg gap),     screen composite 1 - (1 - x)(1 - r);
+                     density 0.05-1 % seeds, length 10-50,   density 0.2-0.6 %, length 20-40,
+                     width 1-4 (<= length / 8), intensity     width 1.5-3, intensity 0.35-0.7
+                     0.2-0.8, streak blur sigma 0.5-1.2
+                     (p 0.3); additive composite
   desnowing          three Gaussian-blob layers, radii        the small and medium layers (radii
                      0.4-1, 1-2.2, 2.2-4 px, densities 15-80,  0.5-0.9, 1.2-2) plus out-of-focus
                      3-15, 0.3-3 per 10k px, motion-blurred    "bokeh" flakes: disks of radius
                      1.5-4.5x the radius along a fall angle    4.5-7 px, 0.3-1 per 10k px, opacity
                      within +-45 deg, colour 0.8-1             0.3-0.6
-  dehazing           beta 0.4-2.2, airlight A 0.6-1.0 with    "dim" (p 0.5): A 0.45-0.57 (tint
-                     a +-0.05 per-channel tint                +-0.03), beta 0.8-1.6; or "dense":
-                                                              beta 2.3-2.7, A 0.7-0.95
-  light_enhancement  exposure 0.08-0.5, gamma 1.2-2.6, then   "linear" (p 0.5): gamma 0.9-1.1,
-                     Poisson-Gaussian sensor noise (peak      exposure 0.1-0.25; or "deep": gamma
-                     80-800 photons, read sigma 0.002-0.01)   2.7-3.0, exposure 0.2-0.5; same noise
+  dehazing           beta 0.4-2.8 except 1.3-1.6, airlight    beta 1.3-1.6 and A 0.62-0.70 (both
+                     A 0.45-1.0 except 0.62-0.70, +-0.05      inside the training gaps), +-0.03
+                     per-channel tint                         tint
+  light_enhancement  exposure 0.08-0.5, gamma 0.9-3.0 except  gamma 1.7-2.0 (inside the gap),
+                     1.7-2.0, then Poisson-Gaussian sensor    exposure 0.1-0.4; same noise
+                     noise (peak 80-800 photons, read sigma
+                     0.002-0.01)
   super_resolution   scale from {2, 3, 4}; Real-ESRGAN's      scale 4, classical pipeline with a
                      second-order pipeline (p 0.5) or the     Gaussian blur sigma 0.6-1.4 and a
                      classical one (Gaussian blur sigma        Lanczos downsample (a kernel no
@@ -104,7 +108,8 @@ from scipy import ndimage, signal, special
 from fape_jax import tasks as tasks_lib
 from fape_jax.errors import FapeError
 
-RECIPE_VERSION = 2  # 1: the narrow single-recipe draws; 2: wide training draws, held-out validation
+RECIPE_VERSION = 3  # 1: narrow single-recipe draws; 2: wide draws, held-out validation beyond
+# training ranges; 3: continuous parameters held out as gaps inside the training ranges
 
 EVAL_SIGMAS = (15, 25, 50)
 TRAIN_SIGMA_RANGE = (5.0, 55.0)
@@ -113,11 +118,17 @@ NOISE_KIND_PROB = (0.55, 0.15, 0.15, 0.15)
 BLUR_KINDS = ("motion", "defocus", "gaussian")           # training
 BLUR_KIND_PROB = (0.45, 0.25, 0.30)
 BLUR_HELD_OUT = ("linear_motion", "polygon_defocus")     # validation only
-RAIN_MAX_ANGLE = 45.0      # training |angle| <= this; validation layers are >= 46 deg
-HAZE_BETA = (0.4, 2.2)     # training ranges; validation leaves one of them (see the table)
-HAZE_AIRLIGHT = (0.6, 1.0)
+# Continuous parameters are held out as a gap *inside* a wide training range: validation asks for
+# strengths between those the model saw (what a user's photo does), not beyond all of them.
+RAIN_MAX_ANGLE = 60.0      # training |angle| <= this, never inside RAIN_GAP (validation's band)
+RAIN_GAP = (27.0, 39.0)
+HAZE_BETA = (0.4, 2.8)     # training ranges; training never draws inside the gaps, validation
+HAZE_BETA_GAP = (1.3, 1.6)  # draws inside both
+HAZE_AIRLIGHT = (0.45, 1.0)
+HAZE_AIRLIGHT_GAP = (0.62, 0.70)
 LOW_EXPOSURE = (0.08, 0.5)
-LOW_GAMMA = (1.2, 2.6)
+LOW_GAMMA = (0.9, 3.0)
+LOW_GAMMA_GAP = (1.7, 2.0)
 SNOW_MAX_RADIUS = 4.0      # training flakes; validation adds bokeh flakes of radius >= 4.5
 SR_SCALES = (2, 3, 4)
 SR_SCALE = 4               # the validation (and benchmark) scale
@@ -261,6 +272,20 @@ def _u(rng, lo_hi: tuple[float, float]) -> float:
   return float(rng.uniform(lo_hi[0], lo_hi[1]))
 
 
+def _u_outside(rng, lo_hi: tuple[float, float], gap: tuple[float, float]) -> float:
+  """Uniform on [lo, hi] minus the open gap (lengths kept: the gap's share is skipped over)."""
+  v = _u(rng, (lo_hi[0], lo_hi[1] - (gap[1] - gap[0])))
+  return v if v <= gap[0] else v + (gap[1] - gap[0])
+
+
+def _outside(v: float, gap: tuple[float, float]) -> float:
+  """`v` moved to the nearer edge of `gap` if it falls inside (keeps its sign for angles)."""
+  a = abs(v)
+  if gap[0] < a < gap[1]:
+    a = gap[0] if a - gap[0] < gap[1] - a else gap[1]
+  return math.copysign(a, v)
+
+
 def add_noise(x, rng, *, sigma: float | None = None, kind: str | None = None,
               evaluation: bool = False, **_):
   # Validation, and an explicit sigma without a kind (the benchmark builders' request), is plain
@@ -306,9 +331,9 @@ def add_noise(x, rng, *, sigma: float | None = None, kind: str | None = None,
 def add_rain(x, rng, *, angle: float | None = None, layers: int | None = None,
              evaluation: bool = False, **_):
   h, w = x.shape[:2]
-  if evaluation:  # steeper than any training streak, screen-blended instead of added
+  if evaluation:  # inside the angle band training never draws, screen-blended instead of added
     if angle is None:
-      angle = float(rng.choice([-1.0, 1.0])) * float(rng.uniform(RAIN_MAX_ANGLE + 3, 58.0))
+      angle = float(rng.choice([-1.0, 1.0])) * _u(rng, (RAIN_GAP[0] + 2, RAIN_GAP[1] - 2))
     jitter, composite = 2.0, "screen"
   else:
     if angle is None:
@@ -329,8 +354,8 @@ def add_rain(x, rng, *, angle: float | None = None, layers: int | None = None,
       p = {"density": _u(rng, (0.0005, 0.01)), "length": length,
            # Streaks stay >= 8x longer than wide: a wider one reads as a blob, not rain.
            "width": _u(rng, (1.0, max(1.0, min(4.0, length / 8)))),
-           "angle": float(np.clip(base + _u(rng, (-jitter, jitter)), -RAIN_MAX_ANGLE,
-                                  RAIN_MAX_ANGLE)),
+           "angle": _outside(float(np.clip(base + _u(rng, (-jitter, jitter)), -RAIN_MAX_ANGLE,
+                                           RAIN_MAX_ANGLE)), RAIN_GAP),
            "intensity": _u(rng, (0.2, 0.8)),
            "blur": _u(rng, (0.5, 1.2)) if rng.random() < 0.3 else 0.0}  # out-of-focus streaks
     seeds = (rng.random((h, w), dtype=np.float32) < p["density"]).astype(np.float32)
@@ -404,10 +429,6 @@ def depth_proxy(x: np.ndarray) -> np.ndarray:
   return ((d - d.min()) / max(float(d.max() - d.min()), 1e-6)).astype(np.float32)
 
 
-_HAZE_HELD_OUT = {  # variant -> (beta range, airlight range); each leaves one training range
-    "dim": ((0.8, 1.6), (0.45, 0.57)),    # overcast/dusk airlight, below HAZE_AIRLIGHT
-    "dense": ((2.3, 2.7), (0.7, 0.95)),   # thick fog, beyond HAZE_BETA
-}
 
 
 def add_haze(x, rng, *, depth: np.ndarray | None = None, beta: float | None = None,
@@ -424,13 +445,13 @@ def add_haze(x, rng, *, depth: np.ndarray | None = None, beta: float | None = No
     d = (d - d.min()) / max(float(d.max() - d.min()), 1e-6)
     source = "given"
   p: dict[str, Any] = {}
-  if evaluation:
-    p["variant"] = "dim" if rng.random() < 0.5 else "dense"
-    (b_range, a_range), tint_amp = _HAZE_HELD_OUT[p["variant"]], 0.03
+  if evaluation:  # a density and an airlight from inside both training gaps
+    b_draw, a_draw, tint_amp = _u(rng, HAZE_BETA_GAP), _u(rng, HAZE_AIRLIGHT_GAP), 0.03
   else:
-    b_range, a_range, tint_amp = HAZE_BETA, HAZE_AIRLIGHT, 0.05
-  beta = _u(rng, b_range) if beta is None else float(beta)
-  a = _u(rng, a_range) if airlight is None else float(airlight)
+    b_draw = _u_outside(rng, HAZE_BETA, HAZE_BETA_GAP)
+    a_draw, tint_amp = _u_outside(rng, HAZE_AIRLIGHT, HAZE_AIRLIGHT_GAP), 0.05
+  beta = b_draw if beta is None else float(beta)
+  a = a_draw if airlight is None else float(airlight)
   tint = rng.uniform(-tint_amp, tint_amp, 3).astype(np.float32)
   a_rgb = np.clip(a + tint, 0.0, 1.0)
   t = np.exp(-beta * d)[..., None]
@@ -499,22 +520,17 @@ def add_blur(x, rng, *, kind: str | None = None, evaluation: bool = False, **_):
   return _clip(_filter2d(x, k)), p
 
 
-_LOW_HELD_OUT = {  # variant -> (exposure range, gamma range); gamma outside LOW_GAMMA
-    "linear": ((0.1, 0.25), (0.9, 1.1)),  # a plain exposure drop, as raw under-exposure is
-    "deep": ((0.2, 0.5), (2.7, 3.0)),     # the top of OneRestore's Retinex gamma 2-3
-}
 
 
 def add_low_light(x, rng, *, exposure: float | None = None, gamma: float | None = None,
                   evaluation: bool = False, **_):
   p: dict[str, Any] = {}
-  if evaluation:
-    p["variant"] = "linear" if rng.random() < 0.5 else "deep"
-    e_range, g_range = _LOW_HELD_OUT[p["variant"]]
+  if evaluation:  # a gamma from inside the training gap
+    e_draw, g_draw = _u(rng, (0.1, 0.4)), _u(rng, LOW_GAMMA_GAP)
   else:
-    e_range, g_range = LOW_EXPOSURE, LOW_GAMMA
-  e = _u(rng, e_range) if exposure is None else float(exposure)
-  g = _u(rng, g_range) if gamma is None else float(gamma)
+    e_draw, g_draw = _u(rng, LOW_EXPOSURE), _u_outside(rng, LOW_GAMMA, LOW_GAMMA_GAP)
+  e = e_draw if exposure is None else float(exposure)
+  g = g_draw if gamma is None else float(gamma)
   gains = np.exp(rng.normal(0.0, 0.08, 3))
   gains = (gains / gains.mean()).astype(np.float32)
   y = e * np.power(x, g) * gains
