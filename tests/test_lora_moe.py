@@ -142,8 +142,9 @@ def _sinusoid(h, w, fy, fx, c=2):
   return jnp.asarray(np.repeat(s[None, :, :, None], c, -1).reshape(1, h * w, c), jnp.float32)
 
 
-def test_fft2d_split_sums_to_input_and_respects_cutoff():
-  band = bands.BandFilter("fft2d", cutoff=0.125)
+@pytest.mark.parametrize("mode", ["fft2d", "grid2d"])
+def test_grid_split_sums_to_input_and_respects_cutoff(mode):
+  band = bands.BandFilter(mode, cutoff=0.125)
   h, w = 32, 16
   x = jax.random.normal(jax.random.key(0), (2, h * w, 5))
   low, high = band.split(x, (h, w))
@@ -160,8 +161,9 @@ def test_fft2d_split_sums_to_input_and_respects_cutoff():
     np.testing.assert_allclose(low, gain * s, atol=1e-5)
 
 
-def test_fft2d_lowpass_equals_direct_circular_convolution():
-  band = bands.BandFilter("fft2d", cutoff=0.094)
+@pytest.mark.parametrize("mode", ["fft2d", "grid2d"])  # FFT and its separable matmul twin
+def test_grid_lowpass_equals_direct_circular_convolution(mode):
+  band = bands.BandFilter(mode, cutoff=0.094)
   h, w = 12, 9  # non-square, odd width: catches axis and rfft-length mix-ups
   x = np.asarray(jax.random.normal(jax.random.key(1), (1, h, w, 3)), np.float64)
   kernel = np.fft.irfft2(bands.gaussian_transfer(h, w, 0.094).astype(np.float64), s=(h, w))

@@ -65,6 +65,7 @@ class Hints:
   # low light
   luma_mean: float
   luma_median: float
+  luma_p99: float = 1.0   # 99th-percentile luminance: an under-exposed frame has no highlights
 
   @property
   def detail_ratio(self) -> float:
@@ -262,4 +263,5 @@ def compute_hints(image: np.ndarray) -> Hints:
       haze_dark=haze_dark, haze_saturation=haze_saturation, haze_depth=haze_depth,
       haze_score=float(haze_score),
       luma_mean=float(gray.mean()), luma_median=float(np.median(gray)),
+      luma_p99=float(np.percentile(gray, 99)),
   )

@@ -72,13 +72,19 @@ def _rationale(task: str, h: Hints) -> str:
 class RuleThresholds:
   """The rule planner's decision thresholds.
 
-  Tuned by a grid search on training images only: the synthetic pairs' train split (336 images,
-  long side <= 256 px) plus the same 8 training photos put through the validation recipe (128 px
-  centre squares, evaluation noise levels, other seeds; 168 images): 92.3 % right on those 504.
-  The validation split was never used for tuning. Where the authors' conflict thresholds differ
-  (e.g. low light at mean < 0.32) it is because they misfire on clean but dark or gray photos.
+  Tuned by a grid search on training images only (the synthetic train split of recipe 1, plus the
+  training photos put through its validation recipe); the low-light rule was revised for recipe 3,
+  whose low light reaches a mean luminance of 0.28 while naturally dark photos (a forest, a night
+  sky) sit at 0.15-0.20: they are told apart by their highlights (luma_p99). Measured on recipe 3
+  (two draws per photo of the embedded+wallpapers corpus, 2026-12-01): 68 % right on
+  training draws (546 images; most mistakes are deblur <-> SR, which both remove detail, and
+  haze/snow read as blur), 82 % on the held-out validation draws (112), low light 100 % with no
+  other task read as low light. The executor sees the image too, so a wrong plan is not fatal;
+  a wrong "low light" is the costly one (it brightens a dark photo).
   """
-  dark_mean: float = 0.20       # luma_mean below -> light_enhancement
+  dark_mean: float = 0.10       # luma_mean below -> light_enhancement
+  dim_mean: float = 0.30        # ... or luma_mean below this with no highlights:
+  dim_highlights: float = 0.38  # luma_p99 below -> light_enhancement (a dark photo has some)
   noise_score: float = 0.60     # noise_score at or above -> denoise
   sharp_laplacian: float = 0.02 # rain and snow add fine detail: Laplacian variance at or above
   rain_line: float = 0.14       # ... with a dominant gradient orientation -> deraining
@@ -108,7 +114,7 @@ class RulePlanner:
     dehazing, the low-frequency default.
     """
     t = self.thresholds
-    if h.luma_mean < t.dark_mean:
+    if h.luma_mean < t.dark_mean or (h.luma_mean < t.dim_mean and h.luma_p99 < t.dim_highlights):
       return "light_enhancement"
     if h.noise_score >= t.noise_score:
       return "denoise"
