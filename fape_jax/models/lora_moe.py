@@ -89,7 +89,7 @@ class RoutingInput(nnx.Variable):
 
 
 VARIANTS = ("moe", "dense")
-BAND_MODES = ("fft2d", "fir1d")
+BAND_MODES = ("fft2d", "grid2d", "fir1d")
 TOP1_LAYERS = ("all", "first", "none")
 TOP1_MODES = ("ste", "epsilon")
 
@@ -106,7 +106,8 @@ def default_lora_config() -> ml_collections.ConfigDict:
   conv_lora: also adapt the `nnx.Conv` layers matching `conv_patterns` (ResNet convs) with conv-LoRA
     (A = conv with the base kernel size/stride/padding to rank channels, B = 1x1 to out channels).
   context_patterns: adapted layers whose input is the plan context (cross-attention k/v).
-  band_mode: 'fft2d' (Gaussian on the token grid, via rfft2) or 'fir1d' (authors' 1-D FIR).
+  band_mode: 'fft2d' (Gaussian on the token grid, via rfft2), 'grid2d' (the same filter as two
+    dense matmuls) or 'fir1d' (authors' 1-D FIR).
   cutoff: 'fft2d' half-gain frequency in cycles per token step (0 < cutoff <= 0.5); 0.094 matches
     the transfer function of a Gaussian with sigma 2 tokens, the authors' FIR.
   fir_taps, fir_sigma: the 'fir1d' filter (odd tap count).
