@@ -2,9 +2,9 @@
 layer's token grid (H = I - L), each layer's band-leakage term of the frequency loss, and the
 token grid a layer's tokens lie on.
 
-  * 'fft2d' (default): Gaussian low-pass on the H x W token grid, transfer 2^(-(f/cutoff)^2) (half
+  * 'fft2d': Gaussian low-pass on the H x W token grid, transfer 2^(-(f/cutoff)^2) (half
     gain at `cutoff` cycles per token step) applied with `jnp.fft.rfft2`, i.e. circular.
-  * 'grid2d': the same circular filter as two dense matmuls over the grid's rows and columns (the
+  * 'grid2d' (default): the same circular filter as two dense matmuls over the grid's rows and columns (the
     transfer is separable); equal to 'fft2d' up to float rounding, faster where FFTs are slow.
   * 'fir1d': the authors' 9-tap Gaussian FIR (sigma 2) along the flattened token axis, zero 'same'
     padding.
@@ -53,7 +53,7 @@ class BandFilter:
   `lowpass` takes tokens (B, L, C) laid out row-major on a grid (h, w), h * w == L, and returns
   float32. Frozen (hashable), so it can sit in a module's static attributes.
   """
-  mode: str = "fft2d"
+  mode: str = "grid2d"
   cutoff: float = 0.094
   taps: int = 9
   sigma: float = 2.0

@@ -29,8 +29,9 @@ a static attribute for the same reason as the inputs (it shapes reshapes: a Pyth
 Each MoE wrapper computes
   out = base(x) + sum_i a_i * s_i * B_i A_i x_i,   x_0 = L(x), x_1 = x - L(x),   s_i = alpha / r_i,
 with `a` the routing weights. Band split (`bands.BandFilter`):
-  * 'fft2d' (default): Gaussian low-pass on the H x W token grid, transfer 2^(-(f/cutoff)^2) (half
-    gain at `cutoff` cycles per token step) applied with `jnp.fft.rfft2`, i.e. circular.
+  * 'grid2d' (default) / 'fft2d': Gaussian low-pass on the H x W token grid, transfer
+    2^(-(f/cutoff)^2) (half gain at `cutoff` cycles per token step), circular; applied as two
+    dense circulant matmuls (the transfer is separable) or with `jnp.fft.rfft2`: the same numbers.
   * 'fir1d': the authors' 9-tap Gaussian FIR (sigma 2) along the flattened token axis, zero 'same'
     padding.
 A linear wrapper sees (B, L, C) tokens; the grid (h, w) is found from L and the UNet input size
@@ -131,7 +132,7 @@ def default_lora_config() -> ml_collections.ConfigDict:
   c.conv_lora = False
   c.conv_patterns = (r"(^|\.)resnets\.\d+\.conv[12]$",)
   c.context_patterns = (r"(^|\.)attn2\.to_(k|v)$",)
-  c.band_mode = "fft2d"
+  c.band_mode = "grid2d"  # = fft2d up to rounding, ~2x faster on CPU (BENCHMARKS.md)
   c.cutoff = 0.094
   c.fir_taps = 9
   c.fir_sigma = 2.0
