@@ -44,6 +44,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "no_spectral_router": ("no spectral routing", {"model.lora.spectral_router": False}),
     "no_freq_loss": ("no frequency loss", {"loss.w_freq": 0.0}),
     "dense": ("one dense LoRA (no experts, no routing)", {"model.lora.variant": "dense"}),
+    "plain_mse": ("plain batch MSE (no per-sample task balancing)", {"loss.balance": "none"}),
+    "top1_ste_all": ("straight-through top-1 on every layer (the previous default)",
+                     {"model.lora.top1": "all", "model.lora.top1_mode": "ste"}),
 }
 RESULT_FILE = "ablation_result.json"
 DEFAULT_SEEDS = (0, 1)

@@ -60,6 +60,12 @@ def test_each_variant_changes_what_it_says():
   assert dense["text.kernel"] == 0 and dense["router.lambda_logit"] == 0
   assert 0 < sum(v for k, v in dense.items() if k.startswith("A.")) < sum(
       v for k, v in full.items() if k.startswith("A."))
+  # The objective and routing variants keep the model and change only their setting.
+  assert names["plain_mse"] == full and names["top1_ste_all"] == full
+  assert ablate_lib.variant_config(tiny, "plain_mse").loss.balance == "none" != tiny.loss.balance
+  ste = ablate_lib.variant_config(tiny, "top1_ste_all").model.lora
+  assert (ste.top1, ste.top1_mode) == ("all", "ste") != (tiny.model.lora.top1,
+                                                         tiny.model.lora.top1_mode)
 
 
 def fake_table(offset):
@@ -97,7 +103,7 @@ def test_runner_trains_each_variant_and_seed_once_at_equal_budget(tmp_path):
   # Default seeds 0 and 1, seed-major; each (variant, seed) in its own workdir.
   assert list(seen) == [(v, s) for s in (0, 1) for v in ablate_lib.VARIANTS]
   dirs = {k: w for k, (_, w) in seen.items()}
-  assert len(set(dirs.values())) == 12
+  assert len(set(dirs.values())) == 2 * len(ablate_lib.VARIANTS)
   assert dirs[("dense", 1)] == os.fspath(tmp_path / "dense" / "seed_1")
   assert all((tmp_path / v / f"seed_{s}" / ablate_lib.RESULT_FILE).exists() for v, s in seen)
   cfgs = {k: c for k, (c, _) in seen.items()}
@@ -112,7 +118,7 @@ def test_runner_trains_each_variant_and_seed_once_at_equal_budget(tmp_path):
   assert cfgs[("dense", 0)].model.lora.variant == "dense"
 
   assert result["steps"] == result["total_steps"] == 3 and result["seeds"] == [0, 1]
-  assert len(result["runs"]) == 12 and all(r["steps"] == 3 for r in result["runs"])
+  assert len(result["runs"]) == 2 * len(ablate_lib.VARIANTS) and all(r["steps"] == 3 for r in result["runs"])
   rows = {r["variant"]: r for r in result["rows"]}
   assert list(rows) == list(ablate_lib.VARIANTS) and result["tasks"] == list(TASKS)
   assert rows["full"]["mean"] == pytest.approx(24.05) and rows["full"]["delta_vs_full"] == 0
