@@ -180,3 +180,18 @@ def test_job_with_hf_planner_and_mllm_encoder(data_dir, tmp_path):
   rec = store.record(store.ids[0])
   assert len(rec["raw"]) == 3 and rec["fallback"]
   assert store[store.ids[0]]["mask"].all()        # the conversation is longer than K = 32
+
+
+def test_plan_store_path_follows_the_pairs_and_the_planner(monkeypatch):
+  """Plans of other images (another synthesis recipe or pairs config) or of another planner
+  version are never reused: each gets its own store."""
+  from configs import base
+  from fape_jax.planning import planners
+  c = base.get_config("tiny")
+  path = job.store_path(c.plans, c.data)
+  assert path == job.store_path(c.plans, c.data) and path.startswith(c.data.data_dir)
+  other = base.get_config("tiny")
+  other.data.variants_per_image = 2
+  assert job.store_path(other.plans, other.data) != path
+  monkeypatch.setattr(planners, "RULE_VERSION", planners.RULE_VERSION + 1)
+  assert job.store_path(c.plans, c.data) != path

@@ -10,6 +10,7 @@ calls it to build the embedded default's store when that is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -81,9 +82,28 @@ def plans_config(kind: str = "rule") -> ml_collections.ConfigDict:
   return c
 
 
-def default_store_path(data_dir: str, name: str, planner: str, encoder: str, k: int) -> str:
-  """Where training looks for the plans of pairs store `name`."""
-  return os.path.join(data_dir, "plans", f"{name}-{planner}-{encoder}-K{k}")
+def default_store_path(data_dir: str, name: str, planner: str, encoder: str, k: int,
+                       digest: str = "") -> str:
+  """Where training looks for the plans of pairs store `name` (`digest`: `store_digest`)."""
+  return os.path.join(data_dir, "plans",
+                      f"{name}-{planner}-{encoder}-K{k}" + (f"-{digest}" if digest else ""))
+
+
+def pairs_identity(pairs) -> str:
+  """What identifies the pairs a plan store was made from: for the synthetic store its config
+  name and recipe version (ids repeat across recipes, the images behind them do not)."""
+  if pairs.name == "synthetic":
+    from fape_jax.data import pairs as pairs_lib  # pylint: disable=g-import-not-at-top
+    cfg = pairs_lib.synthetic_config(pairs)
+    return f"synthetic/{cfg.name}/{cfg.version}"
+  return str(pairs.name)
+
+
+def store_digest(config, pairs) -> str:
+  """8 hex digits of the plan settings and the pairs' identity: a changed planner, encoder or
+  synthesis recipe gets a new plan store instead of silently reusing plans of other images."""
+  blob = f"{config_hash(config)}|{pairs_identity(pairs)}"
+  return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
 
 def store_path(config, pairs=None) -> str:
@@ -92,14 +112,16 @@ def store_path(config, pairs=None) -> str:
   pairs = config.pairs if pairs is None else pairs
   return config.store.path or default_store_path(
       pairs.data_dir, pairs.name, config.planner.kind, config.encoder.kind,
-      config.encoder.max_tokens)
+      config.encoder.max_tokens, store_digest(config, pairs))
 
 
 def config_hash(config) -> str:
   """Short hash of the settings that define the plans and their tokens."""
   planner = {k: config.planner[k] for k in _PLANNER_KEYS}
   if planner["kind"] == "rule":   # the rule planner uses none of the generation settings
-    planner = {"kind": "rule"}
+    from fape_jax.planning import planners  # pylint: disable=g-import-not-at-top
+    planner = {"kind": "rule", "version": planners.RULE_VERSION,
+               "thresholds": dataclasses.asdict(planners.RuleThresholds())}
   encoder = {k: config.encoder[k] for k in _ENCODER_KEYS}
   if encoder["kind"] == "text":
     encoder.pop("template")

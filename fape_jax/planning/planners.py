@@ -68,6 +68,11 @@ def _rationale(task: str, h: Hints) -> str:
   }[task]
 
 
+# Bump when the rule planner's decisions or its hints change (part of the plan store's hash, so
+# stale plans are rebuilt rather than reused): 2 = the luma_p99 low-light rule.
+RULE_VERSION = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class RuleThresholds:
   """The rule planner's decision thresholds.
