@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from fape_jax.errors import FapeError
 
 
-BALANCE_MODES = ("none", "input", "psnr")
+BALANCE_MODES = ("none", "input", "psnr", "l1")
 
 
 @jax.jit
@@ -58,6 +58,10 @@ def reconstruction_loss(restored: jax.Array, clean: jax.Array, degraded: jax.Arr
     'psnr'   sample i weighted by 1 / MSE(restored_i, clean_i): the gradient of the batch's mean
              log-MSE, i.e. of mean PSNR, the metric every table reports; a dB gained on noise
              counts as much as a dB gained on haze.
+    'l1'     Charbonnier (smooth L1, eps 1e-3) per pixel: every pixel's gradient has about unit
+             size whatever its error, so a small-error task is not drowned by a large-error one,
+             without per-sample weights that single out near-perfect samples (what most
+             all-in-one restorers train with).
   Weights are constants (stop-gradient) scaled by the batch mean of the reference error, w_i =
   mean(ref) / ref_i, so the term's value stays the plain MSE's (what its weight `w_mse` was set
   for) while its gradient goes to every sample in proportion to its relative error. (Weights
@@ -69,6 +73,11 @@ def reconstruction_loss(restored: jax.Array, clean: jax.Array, degraded: jax.Arr
   per = jnp.mean(jnp.square(restored.astype(jnp.float32) - clean), axis=axes)
   if balance == "none":
     return jnp.mean(per)
+  if balance == "l1":
+    err = restored.astype(jnp.float32) - clean
+    charb = jnp.mean(jnp.sqrt(jnp.square(err) + 1e-6))
+    # Rescaled to the MSE's value (a constant factor), so w_mse keeps its meaning.
+    return charb * jax.lax.stop_gradient(jnp.mean(per) / charb)
   if balance == "input":
     ref = jnp.mean(jnp.square(degraded.astype(jnp.float32) - clean), axis=axes)
   elif balance == "psnr":

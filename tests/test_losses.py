@@ -81,9 +81,11 @@ def test_reconstruction_loss_balance_modes():
     return np.sqrt(np.sum(np.square(np.asarray(g)), axis=(1, 2, 3)))
   # Plain MSE: the heavy sample gets ~20x the gradient; balanced, each sample's gradient scales
   # with 1 / its error, so a relative improvement is worth the same on both.
-  g_none, g_psnr, g_input = (per_sample_grad_norms(m) for m in ("none", "psnr", "input"))
+  g_none, g_psnr, g_input, g_l1 = (per_sample_grad_norms(m)
+                                   for m in ("none", "psnr", "input", "l1"))
   assert g_none[1] / g_none[0] > 15
   assert g_psnr[0] / g_psnr[1] > 15 and g_input[0] / g_input[1] > 15
+  assert 0.8 < g_l1[0] / g_l1[1] < 1.25  # L1: the same gradient size per sample
   # The term keeps MSE's scale: equal errors give the plain MSE (up to eps) in every mode, and
   # on a mixed batch the psnr-balanced value is the plain MSE (again up to eps).
   same_c, same_e = _pair([0.3, 0.3])
