@@ -96,16 +96,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from PIL import Image
-from scipy import ndimage, signal, special
+from scipy import ndimage
 
 from fape_jax import tasks as tasks_lib
+from fape_jax.data import kernels
 from fape_jax.errors import FapeError
 
 RECIPE_VERSION = 3  # 1: narrow single-recipe draws; 2: wide draws, held-out validation beyond
@@ -140,127 +139,6 @@ class Sample:
   """A degraded image (uint8, HxWx3, same size as the clean input) and what made it."""
   degraded: np.ndarray
   params: dict[str, Any]
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared helpers
-# ----------------------------------------------------------------------------------------------
-
-def _filter2d(x: np.ndarray, k: np.ndarray) -> np.ndarray:
-  """Convolves an (H, W[, C]) image with a 2-D kernel, reflect-padded like Real-ESRGAN's."""
-  ph, pw = k.shape[0] // 2, k.shape[1] // 2
-  pad = [(ph, k.shape[0] - 1 - ph), (pw, k.shape[1] - 1 - pw)] + [(0, 0)] * (x.ndim - 2)
-  xp = np.pad(x, pad, mode="reflect" if min(x.shape[:2]) > 1 else "edge")
-  kk = k[..., None] if x.ndim == 3 else k
-  return signal.fftconvolve(xp, kk.astype(np.float32), mode="valid", axes=(0, 1)).astype(
-      np.float32)
-
-
-_RESAMPLE = {"area": Image.Resampling.BOX, "bilinear": Image.Resampling.BILINEAR,
-             "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS}
-
-
-def _resize(x: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
-  """Resizes float (H, W, C) to (h, w) with Pillow, channel by channel in 32-bit float mode."""
-  h, w = max(1, int(size[0])), max(1, int(size[1]))
-  chans = [np.asarray(Image.fromarray(np.ascontiguousarray(x[..., c]), mode="F").resize(
-      (w, h), _RESAMPLE[mode])) for c in range(x.shape[2])]
-  return np.stack(chans, axis=-1).astype(np.float32)
-
-
-def _jpeg(x: np.ndarray, quality: int) -> np.ndarray:
-  """Round-trips through Pillow's JPEG codec (4:2:0 chroma, as real encoders default to)."""
-  buf = io.BytesIO()
-  Image.fromarray(_to_uint8(x)).save(buf, format="JPEG", quality=int(quality))
-  buf.seek(0)
-  with Image.open(buf) as im:
-    return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
-
-
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-  return (np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
-def _luminance(x: np.ndarray) -> np.ndarray:
-  return x @ np.asarray([0.299, 0.587, 0.114], np.float32)
-
-
-def line_kernel(length: float, angle_deg: float, width: float = 1.0) -> np.ndarray:
-  """Normalised line kernel; angle 0 = vertical, positive tilts the top end to the left."""
-  size = int(math.ceil(length)) | 1
-  k = np.zeros((size, size), np.float32)
-  c = size // 2
-  half_w = max(width, 1.0) / 2.0
-  lo, hi = int(math.floor(c - half_w + 0.5)), int(math.floor(c + half_w + 0.5))
-  k[:, lo:max(hi, lo + 1)] = 1.0
-  # Shorten to the requested length along the line (rows), then rotate (bilinear).
-  cut = (size - length) / 2.0
-  rows = np.arange(size) + 0.5
-  k *= np.clip(np.minimum(rows - cut, size - cut - rows + 1.0), 0.0, 1.0)[:, None]
-  k = ndimage.rotate(k, angle_deg, reshape=False, order=1, mode="constant")
-  k = np.clip(k, 0.0, None)
-  return k / max(float(k.sum()), 1e-8)
-
-
-def _aperture_kernel(radius: float, blades: int = 0, rotation: float = 0.0) -> np.ndarray:
-  """Anti-aliased (4x4 supersampled) disk, or regular polygon with `blades` sides, normalised."""
-  size = 2 * int(math.ceil(radius)) + 1
-  c = size // 2
-  sub = (np.arange(size * 4) + 0.5) / 4.0 - 0.5 - c
-  yy, xx = np.meshgrid(sub, sub, indexing="ij")
-  edge = radius
-  if blades:  # the polygon's boundary radius at each point's polar angle
-    seg = 2 * np.pi / blades
-    phi = np.mod(np.arctan2(yy, xx) - rotation, seg) - seg / 2
-    edge = radius * math.cos(seg / 2) / np.cos(phi)
-  cover = (np.hypot(yy, xx) <= edge).astype(np.float32)
-  k = cover.reshape(size, 4, size, 4).mean(axis=(1, 3))
-  return k / k.sum()
-
-
-def _cov(sig_x: float, sig_y: float, theta: float) -> np.ndarray:
-  rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
-  return rot @ np.diag([sig_x ** 2, sig_y ** 2]) @ rot.T
-
-
-def _grid(size: int) -> np.ndarray:
-  ax = np.arange(-(size // 2), size // 2 + 1, dtype=np.float64)
-  xx, yy = np.meshgrid(ax, ax)
-  return np.stack([xx, yy], axis=-1)
-
-
-def gaussian_kernel(size: int, sig_x: float, sig_y: float, theta: float,
-                    beta: float = 1.0, kind: str = "gaussian") -> np.ndarray:
-  """Real-ESRGAN's bivariate kernels: 'gaussian', 'generalized' (exp(-0.5 q^beta)), 'plateau'.
-
-  Hand-written because no maintained library in our dependencies ships them (basicsr is the
-  reference, but it pulls in a CUDA/OpenCV stack for three formulas).
-  """
-  g = _grid(size)
-  q = np.sum((g @ np.linalg.inv(_cov(sig_x, sig_y, theta))) * g, axis=-1)
-  if kind == "gaussian":
-    k = np.exp(-0.5 * q)
-  elif kind == "generalized":
-    k = np.exp(-0.5 * np.power(q, beta))
-  elif kind == "plateau":
-    k = 1.0 / (np.power(q, beta) + 1.0)
-  else:
-    raise ValueError(kind)
-  return (k / k.sum()).astype(np.float32)
-
-
-def sinc_kernel(size: int, cutoff: float) -> np.ndarray:
-  """Circular low-pass (2-D sinc, first-order Bessel) kernel, as Real-ESRGAN's."""
-  g = _grid(size)
-  r = np.sqrt(np.sum(g ** 2, axis=-1))
-  with np.errstate(divide="ignore", invalid="ignore"):
-    k = cutoff * special.j1(cutoff * r) / (2 * np.pi * r)
-  k[size // 2, size // 2] = cutoff ** 2 / (4 * np.pi)
-  return (k / k.sum()).astype(np.float32)
-
-
-def _clip(x: np.ndarray) -> np.ndarray:
-  return np.clip(x, 0.0, 1.0, out=x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,7 +203,7 @@ def add_noise(x, rng, *, sigma: float | None = None, kind: str | None = None,
     p["correlation_px"] = width
   else:
     raise FapeError(f"Unknown noise kind {kind!r}; use one of {', '.join(NOISE_KINDS)}.")
-  return _clip(y.astype(np.float32)), p
+  return kernels.clip(y.astype(np.float32)), p
 
 
 def add_rain(x, rng, *, angle: float | None = None, layers: int | None = None,
@@ -360,7 +238,7 @@ def add_rain(x, rng, *, angle: float | None = None, layers: int | None = None,
            "blur": _u(rng, (0.5, 1.2)) if rng.random() < 0.3 else 0.0}  # out-of-focus streaks
     seeds = (rng.random((h, w), dtype=np.float32) < p["density"]).astype(np.float32)
     seeds *= rng.uniform(0.5, 1.0, (h, w)).astype(np.float32)
-    layer = _filter2d(seeds, line_kernel(p["length"], p["angle"], p["width"]))
+    layer = kernels.filter2d(seeds, kernels.line_kernel(p["length"], p["angle"], p["width"]))
     if p["blur"]:
       layer = ndimage.gaussian_filter(layer, p["blur"], mode="reflect")
     peak = float(np.percentile(layer, 99.9)) if layer.any() else 1.0
@@ -369,7 +247,7 @@ def add_rain(x, rng, *, angle: float | None = None, layers: int | None = None,
     plist.append(p)
   r = rain[..., None]
   y = 1.0 - (1.0 - x) * (1.0 - r) if composite == "screen" else x + r
-  return _clip(y), {"angle": base, "composite": composite, "layers": plist}
+  return kernels.clip(y), {"angle": base, "composite": composite, "layers": plist}
 
 
 _SNOW_TRAIN = (  # (blob radius range px, particles per 10k px range)
@@ -404,18 +282,18 @@ def add_snow(x, rng, *, angle: float | None = None, evaluation: bool = False, **
     # Scale the Gaussian so an isolated particle peaks near its drawn opacity (x1.5 saturates
     # the core: snowflakes are opaque in the middle).
     blobs = ndimage.gaussian_filter(seeds, radius, mode="wrap") * (2 * np.pi * radius ** 2) * 1.5
-    streak = _filter2d(blobs, line_kernel(max(blur_len, 1.0), fall, 1.0))
+    streak = kernels.filter2d(blobs, kernels.line_kernel(max(blur_len, 1.0), fall, 1.0))
     streak *= float(max(blur_len, 1.0)) ** 0.5  # keep motion-blurred flakes visible
     mask = np.maximum(mask, np.clip(streak, 0.0, 1.0))
     plist.append({"kind": "flake", "radius": radius, "count": count, "motion_length": blur_len})
   if evaluation:  # out-of-focus flakes near the lens: bigger than any training flake, translucent
     radius, density, opacity = (_u(rng, _SNOW_BOKEH[k]) for k in ("radius", "density", "opacity"))
     seeds, count = _scatter(rng, h, w, density)
-    k = _aperture_kernel(radius)
-    mask = np.maximum(mask, np.clip(_filter2d(seeds, k / k.max()) * opacity, 0.0, 1.0))
+    k = kernels.aperture_kernel(radius)
+    mask = np.maximum(mask, np.clip(kernels.filter2d(seeds, k / k.max()) * opacity, 0.0, 1.0))
     plist.append({"kind": "bokeh", "radius": radius, "count": count, "opacity": opacity})
   y = x * (1.0 - mask[..., None]) + mask[..., None] * colour
-  return _clip(y), {"angle": fall, "colour": colour, "layers": plist,
+  return kernels.clip(y), {"angle": fall, "colour": colour, "layers": plist,
                     "coverage": float(mask.mean())}
 
 
@@ -458,35 +336,7 @@ def add_haze(x, rng, *, depth: np.ndarray | None = None, beta: float | None = No
   y = x * t + a_rgb * (1.0 - t)
   p.update(beta=beta, airlight_base=a, airlight=[float(v) for v in a_rgb], depth=source,
            t_min=float(t.min()))
-  return _clip(y.astype(np.float32)), p
-
-
-def motion_kernel(rng, extent: float) -> tuple[np.ndarray, dict]:
-  """A random camera-shake trajectory (momentum random walk), rasterised with bilinear splats."""
-  n = 64
-  pos = np.zeros((n, 2))
-  heading = rng.uniform(0, 2 * np.pi)
-  v = np.array([math.cos(heading), math.sin(heading)])
-  for i in range(1, n):
-    v = 0.85 * v + 0.5 * rng.standard_normal(2) / math.sqrt(n)
-    v += 0.15 * np.array([math.cos(heading), math.sin(heading)])
-    pos[i] = pos[i - 1] + v
-  pos -= pos.mean(axis=0)
-  span = max(float(np.abs(pos).max()), 1e-6)
-  pos *= (extent / 2.0) / span
-  size = int(math.ceil(extent)) | 1
-  size += 2
-  k = np.zeros((size, size), np.float64)
-  c = size // 2
-  for py, px in pos:
-    y0, x0 = math.floor(py + c), math.floor(px + c)
-    fy, fx = py + c - y0, px + c - x0
-    for dy, wy in ((0, 1 - fy), (1, fy)):
-      for dx, wx in ((0, 1 - fx), (1, fx)):
-        if 0 <= y0 + dy < size and 0 <= x0 + dx < size:
-          k[y0 + dy, x0 + dx] += wy * wx
-  return (k / k.sum()).astype(np.float32), {"kind": "motion", "extent": float(extent),
-                                            "heading_deg": float(np.degrees(heading))}
+  return kernels.clip(y.astype(np.float32)), p
 
 
 def add_blur(x, rng, *, kind: str | None = None, evaluation: bool = False, **_):
@@ -494,30 +344,30 @@ def add_blur(x, rng, *, kind: str | None = None, evaluation: bool = False, **_):
     kind = (str(rng.choice(BLUR_HELD_OUT)) if evaluation
             else str(rng.choice(BLUR_KINDS, p=BLUR_KIND_PROB)))
   if kind == "motion":
-    k, p = motion_kernel(rng, _u(rng, (5.0, 25.0)))
+    k, p = kernels.motion_kernel(rng, _u(rng, (5.0, 25.0)))
   elif kind == "defocus":
     r = _u(rng, (1.0, 5.0))
-    k, p = _aperture_kernel(r), {"kind": "defocus", "radius": r}
+    k, p = kernels.aperture_kernel(r), {"kind": "defocus", "radius": r}
   elif kind == "gaussian":
     iso = bool(rng.random() < 0.5)
     sx = _u(rng, (0.6, 3.5))
     sy = sx if iso else _u(rng, (0.6, 3.5))
     th = 0.0 if iso else _u(rng, (0.0, np.pi))
-    k = gaussian_kernel(2 * int(math.ceil(3 * max(sx, sy))) + 1, sx, sy, th)
+    k = kernels.gaussian_kernel(2 * int(math.ceil(3 * max(sx, sy))) + 1, sx, sy, th)
     p = {"kind": "gaussian", "isotropic": iso, "sigma_x": sx, "sigma_y": sy, "theta": th}
   elif kind == "linear_motion":  # held out: a straight, uniform streak (trajectories curve)
     length, angle = _u(rng, (8.0, 18.0)), _u(rng, (-90.0, 90.0))
-    k, p = line_kernel(length, angle), {"kind": kind, "length": length, "angle": angle}
+    k, p = kernels.line_kernel(length, angle), {"kind": kind, "length": length, "angle": angle}
   elif kind == "polygon_defocus":  # held out: a diaphragm's polygonal aperture (training: disks)
     r, blades = _u(rng, (1.5, 3.5)), int(rng.integers(5, 8))
     rot = _u(rng, (0.0, 2 * np.pi / blades))
-    k = _aperture_kernel(r, blades, rot)
+    k = kernels.aperture_kernel(r, blades, rot)
     p = {"kind": kind, "radius": r, "blades": blades, "rotation": rot}
   else:
     raise FapeError(f"Unknown blur kind {kind!r}; use one of "
                     f"{', '.join(BLUR_KINDS + BLUR_HELD_OUT)}.")
   p["kernel_size"] = int(k.shape[0])
-  return _clip(_filter2d(x, k)), p
+  return kernels.clip(kernels.filter2d(x, k)), p
 
 
 
@@ -539,7 +389,7 @@ def add_low_light(x, rng, *, exposure: float | None = None, gamma: float | None 
   y = rng.poisson(np.clip(y, 0, 1).astype(np.float64) * peak).astype(np.float32) / peak
   y += rng.standard_normal(y.shape, dtype=np.float32) * np.float32(read)
   p.update(exposure=e, gamma=g, gains=[float(v) for v in gains], peak=peak, read_sigma=read)
-  return _clip(y), p
+  return kernels.clip(y), p
 
 
 # --- Real-ESRGAN second-order pipeline (options as in its train_realesrgan_x4plus.yml) ---
@@ -561,7 +411,7 @@ def _esr_kernel(rng, sigma_range, sinc_prob) -> tuple[np.ndarray, dict]:
   size = int(rng.choice(np.arange(7, 22, 2)))
   if rng.random() < sinc_prob:
     cutoff = float(rng.uniform(np.pi / 3, np.pi) if size < 13 else rng.uniform(np.pi / 5, np.pi))
-    k, p = sinc_kernel(size, cutoff), {"kind": "sinc", "cutoff": cutoff}
+    k, p = kernels.sinc_kernel(size, cutoff), {"kind": "sinc", "cutoff": cutoff}
   else:
     kind = str(rng.choice(_ESR_KERNELS, p=_ESR_KERNEL_PROB))
     sx = float(rng.uniform(*sigma_range))
@@ -572,7 +422,7 @@ def _esr_kernel(rng, sigma_range, sinc_prob) -> tuple[np.ndarray, dict]:
     beta = float(rng.uniform(beta_range[0], 1.0) if rng.random() < 0.5
                  else rng.uniform(1.0, beta_range[1]))
     family = kind.split("_")[0] if "_" in kind else "gaussian"
-    k = gaussian_kernel(size, sx, sy, th, beta, family)
+    k = kernels.gaussian_kernel(size, sx, sy, th, beta, family)
     p = {"kind": kind, "sigma_x": sx, "sigma_y": sy, "theta": th}
     if family != "gaussian":
       p["beta"] = beta
@@ -589,12 +439,12 @@ def _esr_noise(x, rng, o) -> tuple[np.ndarray, dict]:
     p = {"noise": "gaussian", "sigma": sigma, "gray": gray}
   else:
     scale = float(rng.uniform(*o["poisson"]))
-    src = _luminance(x)[..., None] if gray else x
+    src = kernels.luminance(x)[..., None] if gray else x
     lvl = 256.0
     noise = rng.poisson(np.clip(src, 0, 1).astype(np.float64) * lvl).astype(np.float32) / lvl - src
     y = x + noise * np.float32(scale)
     p = {"noise": "poisson", "scale": scale, "gray": gray}
-  return _clip(y), p
+  return kernels.clip(y), p
 
 
 def _esr_round(x, rng, stage: int, out_h: int, out_w: int):
@@ -602,18 +452,18 @@ def _esr_round(x, rng, stage: int, out_h: int, out_w: int):
   p: dict[str, Any] = {}
   if rng.random() < o["blur_prob"]:
     k, p["blur"] = _esr_kernel(rng, o["sigma"], o["sinc_prob"])
-    x = _clip(_filter2d(x, k))
+    x = kernels.clip(kernels.filter2d(x, k))
   kind = str(rng.choice(["up", "down", "keep"], p=o["resize_prob"]))
   scale = {"up": lambda: rng.uniform(1.0, o["resize"][1]),
            "down": lambda: rng.uniform(o["resize"][0], 1.0), "keep": lambda: 1.0}[kind]()
   mode = str(rng.choice(["area", "bilinear", "bicubic"]))
   # Round 1 resizes relative to the input, round 2 relative to the final LR size (as the ref.).
   base_h, base_w = (x.shape[0], x.shape[1]) if stage == 1 else (out_h, out_w)
-  x = _clip(_resize(x, (round(base_h * scale), round(base_w * scale)), mode))
+  x = kernels.clip(kernels.resize(x, (round(base_h * scale), round(base_w * scale)), mode))
   p["resize"] = {"kind": kind, "scale": float(scale), "mode": mode}
   x, p["noise"] = _esr_noise(x, rng, o)
   q = int(rng.integers(o["jpeg"][0], o["jpeg"][1] + 1))
-  x = _jpeg(x, q)
+  x = kernels.jpeg(x, q)
   p["jpeg"] = q
   return x, p
 
@@ -626,17 +476,17 @@ def _realesrgan(x, rng, lh: int, lw: int) -> tuple[np.ndarray, dict]:
   if final_sinc:
     size = int(rng.choice(np.arange(7, 22, 2)))
     cutoff = float(rng.uniform(np.pi / 3, np.pi))
-    sk = sinc_kernel(size, cutoff)
+    sk = kernels.sinc_kernel(size, cutoff)
   else:
     size, cutoff, sk = 1, None, np.ones((1, 1), np.float32)
   q = int(rng.integers(30, 96))
   jpeg_first = bool(rng.random() < 0.5)
   if jpeg_first:
-    y = _jpeg(y, q)
-    y = _clip(_filter2d(_resize(y, (lh, lw), mode), sk))
+    y = kernels.jpeg(y, q)
+    y = kernels.clip(kernels.filter2d(kernels.resize(y, (lh, lw), mode), sk))
   else:
-    y = _clip(_filter2d(_resize(y, (lh, lw), mode), sk))
-    y = _jpeg(y, q)
+    y = kernels.clip(kernels.filter2d(kernels.resize(y, (lh, lw), mode), sk))
+    y = kernels.jpeg(y, q)
   return y, {"round1": p1, "round2": p2,
              "final": {"resize_mode": mode, "sinc": final_sinc, "sinc_cutoff": cutoff,
                        "sinc_size": size, "jpeg": q, "jpeg_first": jpeg_first}}
@@ -654,19 +504,19 @@ def _classical_sr(x, rng, scale: int, lh: int, lw: int,
             None)
   if blur and blur["kind"] == "gaussian":
     s = blur["sigma"]
-    x = _clip(_filter2d(x, gaussian_kernel(2 * int(math.ceil(3 * s)) + 1, s, s, 0.0)))
+    x = kernels.clip(kernels.filter2d(x, kernels.gaussian_kernel(2 * int(math.ceil(3 * s)) + 1, s, s, 0.0)))
   elif blur:  # odd box widths keep the image centred on the clean one
-    x = _clip(_filter2d(x, np.full((blur["size"],) * 2, 1.0 / blur["size"] ** 2, np.float32)))
+    x = kernels.clip(kernels.filter2d(x, np.full((blur["size"],) * 2, 1.0 / blur["size"] ** 2, np.float32)))
   mode = "lanczos" if evaluation else str(rng.choice(SR_TRAIN_DOWN))
-  y = _clip(_resize(x, (lh, lw), mode))
+  y = kernels.clip(kernels.resize(x, (lh, lw), mode))
   noise = None
   if not evaluation and rng.random() < 0.3:
     noise = _u(rng, (1.0, 10.0))
-    y = _clip(y + rng.standard_normal(y.shape, dtype=np.float32) * np.float32(noise / 255.0))
+    y = kernels.clip(y + rng.standard_normal(y.shape, dtype=np.float32) * np.float32(noise / 255.0))
   q = None
   if rng.random() < (0.5 if evaluation else 0.3):
     q = int(rng.integers(75, 96) if evaluation else rng.integers(50, 96))
-    y = _jpeg(y, q)
+    y = kernels.jpeg(y, q)
   return y, {"blur": blur, "downsample": mode, "noise_sigma": noise, "jpeg": q}
 
 
@@ -686,7 +536,7 @@ def add_sr(x, rng, *, scale: int | None = None, pipeline: str | None = None,
     raise FapeError(f"Unknown super-resolution pipeline {pipeline!r}; use realesrgan or "
                     "classical.")
   lr = np.round(y * 255.0) / 255.0
-  up = _clip(_resize(lr.astype(np.float32), (h, w), "bicubic"))
+  up = kernels.clip(kernels.resize(lr.astype(np.float32), (h, w), "bicubic"))
   return up, {"scale": int(scale), "pipeline": pipeline, "lr_size": [lh, lw], **p,
               "upsample": "bicubic"}
 
@@ -748,7 +598,7 @@ def degrade(clean: np.ndarray, task: str | Sequence[str], seed: int | Sequence[i
       kw.setdefault("depth", depth)
     x, p = SYNTHESIZERS[part](x, rng, **kw)
     steps.append({"task": part, **p})
-  return Sample(_to_uint8(x), {"task": tasks_lib.mix_name(parts), "seed": seed_list,
+  return Sample(kernels.to_uint8(x), {"task": tasks_lib.mix_name(parts), "seed": seed_list,
                                "recipe": RECIPE_VERSION, "evaluation": bool(evaluation),
                                "steps": steps})
 
