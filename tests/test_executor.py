@@ -189,7 +189,7 @@ def test_adapter_export_import_round_trip(executor, tmp_path):
   with pytest.raises(FapeError, match=r"another shape .*expert1\.A\.kernel \(8, 8\) vs \(8, 16\)"):
     adapters_io.load_adapters(other, path, check_config=False)
   with pytest.raises(FapeError, match="lora.top1_mode"):
-    adapters_io.load_adapters(build_executor(_config(), rngs=_rngs(0)), path)
+    adapters_io.load_adapters(build_executor(_config(top1_mode="ste"), rngs=_rngs(0)), path)
 
 
 def test_latent_executor_pads_any_size_and_matches_vae_unet_vae():
