@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 
 import jax
 import numpy as np
@@ -144,7 +143,7 @@ def is_spatial_layer(name: str, context_patterns=_CONTEXT_PATTERNS) -> bool:
   `attn2.to_out.0` (image tokens in and out), conv-LoRA `resnets.N.conv{1,2}`, and any
   `proj_in` / `proj_out` a config adds; their input is band-split on the image grid.
   """
-  return not any(re.search(p, name) for p in context_patterns)
+  return not lora_moe.is_context_layer(name, context_patterns)
 
 
 def routing_summary(routing: dict, context_patterns=_CONTEXT_PATTERNS) -> dict:

@@ -471,6 +471,12 @@ def _replace_child(root: nnx.Module, path: Sequence[Any], new: nnx.Module) -> No
     setattr(parent, key, new)
 
 
+def is_context_layer(name: str, context_patterns: Sequence[str]) -> bool:
+  """Whether the adapted layer at module path `name` takes the plan context as input (no band
+  split, no spectral prior): it matches one of the lora config's `context_patterns`."""
+  return any(re.search(p, name) for p in context_patterns)
+
+
 def add_adapters(model: nnx.Module, config, *, context_dim: int, rngs: nnx.Rngs) -> list[str]:
   """Replaces every matched layer of `model` (in place) with an adapted wrapper; returns the paths.
 
@@ -481,7 +487,6 @@ def add_adapters(model: nnx.Module, config, *, context_dim: int, rngs: nnx.Rngs)
   config = check_lora_config(config)
   linear_re = [re.compile(p) for p in config.patterns]
   conv_re = [re.compile(p) for p in config.conv_patterns] if config.conv_lora else []
-  context_re = [re.compile(p) for p in config.context_patterns]
   targets = []
   for path, module in nnx.iter_modules(model):
     name = path_str(path)
@@ -509,7 +514,7 @@ def add_adapters(model: nnx.Module, config, *, context_dim: int, rngs: nnx.Rngs)
     if config.variant == "dense":
       wrapped = DenseLoRA(module, config, rngs=rngs)
     else:
-      wrapped = LoRAMoE(module, config, context_input=any(p.search(name) for p in context_re),
+      wrapped = LoRAMoE(module, config, context_input=is_context_layer(name, config.context_patterns),
                         top1=config.top1 == "all" or (config.top1 == "first" and i == 0),
                         context_dim=context_dim, rngs=rngs)
     _replace_child(model, path, wrapped)
