@@ -83,5 +83,10 @@ def main(argv):
       ablate_lib.publish(result, _RESULTS.value, _OUT.value)
 
 
-if __name__ == "__main__":
+def cli():
+  """`fape-ablate` (pyproject.toml's console script) and `python -m fape_jax.ablate`."""
   errors.run(main)
+
+
+if __name__ == "__main__":
+  cli()

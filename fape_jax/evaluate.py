@@ -55,5 +55,10 @@ def main(argv):
         lpips_lin_path=_LPIPS_LIN.value)
 
 
-if __name__ == "__main__":
+def cli():
+  """`fape-evaluate` (pyproject.toml's console script) and `python -m fape_jax.evaluate`."""
   errors.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -38,6 +38,11 @@ def main(argv):
       json.dump(summary, f, indent=2)
 
 
-if __name__ == "__main__":
+def cli():
+  """`fape-plan-cache` (pyproject.toml's console script) and `python -m fape_jax.plan_cache`."""
   flags.mark_flags_as_required(["config"])
   errors.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -54,5 +54,10 @@ def main(argv):
   sys.exit(report.exit_code)
 
 
-if __name__ == "__main__":
+def cli():
+  """`fape-restore` (pyproject.toml's console script) and `python -m fape_jax.restore`."""
   errors.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -46,6 +46,11 @@ def main(argv):
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
-if __name__ == "__main__":
+def cli():
+  """`fape-train` (pyproject.toml's console script) and `python -m fape_jax.train`."""
   flags.mark_flags_as_required(["config"])
   errors.run(main)
+
+
+if __name__ == "__main__":
+  cli()
