@@ -15,6 +15,7 @@ import os
 from absl import app
 from absl import flags
 
+from fape_jax import backend
 from fape_jax import errors
 from fape_jax.errors import FapeError
 
@@ -24,6 +25,7 @@ _OUT = flags.DEFINE_string("out", None, "The .safetensors file to write; its JSO
                            "beside it (same stem, .json).")
 _CHECKPOINT = flags.DEFINE_integer("checkpoint", None, "Checkpoint step (default: the newest).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing OUT and its JSON.")
+_EXPECT_BACKEND = flags.DEFINE_enum("expect_backend", "any", backend.CHOICES, backend.FLAG_HELP)
 
 
 def main(argv):
@@ -44,6 +46,7 @@ def main(argv):
     existing = [p for p in (out, config_json) if os.path.exists(p)]
     if existing and not _OVERWRITE.value:
       raise FapeError(f"{' and '.join(existing)} already exist(s); pass --overwrite to replace.")
+    backend.check(_EXPECT_BACKEND.value)
     from fape_jax import restore_lib  # pylint: disable=g-import-not-at-top
     step = restore_lib.export_adapters(_WORKDIR.value, out, step=_CHECKPOINT.value)
   print(f"exported step {step} of {_WORKDIR.value}: {out} and {config_json}")
