@@ -5,7 +5,8 @@
 The names are pyproject.toml's dependencies and extras plus a few transitive packages whose version
 matters as much (the jaxlib under jax, the Hugging Face libraries the MiniLM loads through);
 versions come from `pip freeze` of the running interpreter's environment. A local version label
-(torch's `+cpu`) is dropped: `==2.13.0` matches the CPU and the CUDA build alike.
+(torch's `+cpu`) is dropped: `==2.13.0` matches the CPU and the CUDA build alike. A named package
+that is not installed here keeps its pin from the current constraints.txt, if it has one.
 """
 
 import re
@@ -32,7 +33,18 @@ def named_packages() -> list[str]:
   return sorted(names | set(TRANSITIVE))
 
 
+def current_pins() -> dict[str, str]:
+  path = REPO / "constraints.txt"
+  pins = {}
+  for line in path.read_text().splitlines() if path.exists() else []:
+    m = re.fullmatch(r"([A-Za-z0-9_.-]+)==(\S+)(\s+#.*)?", line.strip())
+    if m:
+      pins[normalize(m.group(1))] = m.group(2)
+  return pins
+
+
 def main() -> int:
+  previous = current_pins()
   freeze = subprocess.run([sys.executable, "-m", "pip", "freeze"], check=True,
                           capture_output=True, text=True).stdout
   installed = {}
@@ -50,7 +62,10 @@ def main() -> int:
     else:
       missing.append(name)
   for name in missing:  # e.g. the [cuda] / [tpu] jaxlibs on a CPU machine
-    print(f"# {name}: not installed here, not pinned")
+    if name in previous:
+      print(f"{name}=={previous[name]}  # not installed in this venv: kept")
+    else:
+      print(f"# {name}: not installed here, not pinned")
   return 0
 
 
