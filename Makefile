@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine: `make train` and `make test`.
-# Both first create .venv from requirements.txt (once; re-run only when requirements.txt changes).
+# Both first create .venv from requirements.txt, i.e. `pip install -c constraints.txt -e .[dev]`
+# (once; re-run when requirements.txt, pyproject.toml or constraints.txt changes).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,9 +15,9 @@ XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 CORPUS_PACKAGES := mate-backgrounds lomiri-wallpapers-16.04 plasma-workspace-wallpapers
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup corpus train test test-fast clean-venv
+.PHONY: setup corpus train test test-fast clean-venv constraints
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -r requirements.txt
@@ -51,3 +52,7 @@ test-fast: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# After upgrading packages in .venv (and a green `make test`): pin what is installed now.
+constraints:
+	$(PY) .ci/constraints.py > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt

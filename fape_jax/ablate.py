@@ -25,6 +25,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from fape_jax import backend
 from fape_jax import distributed
 from fape_jax import errors
 from fape_jax.errors import FapeError
@@ -45,6 +46,7 @@ _RENDER_ONLY = flags.DEFINE_bool("render_only", False, "Only render --results in
                                  "training.")
 _CHECK = flags.DEFINE_bool("check", False, "Only check that --out is what --results renders to; "
                            "exit 1 if not.")
+_EXPECT_BACKEND = flags.DEFINE_enum("expect_backend", "any", backend.CHOICES, backend.FLAG_HELP)
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
@@ -67,6 +69,7 @@ def main(argv):
       ablate_lib.render_file(results, out)
       return
     distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
+    backend.check(_EXPECT_BACKEND.value)
     from fape_jax import ablate_lib  # pylint: disable=g-import-not-at-top (after distributed init)
     if _CONFIG.value is None:
       raise FapeError("--config is required to train (e.g. --config=configs/base.py); only "
@@ -83,5 +86,10 @@ def main(argv):
       ablate_lib.publish(result, _RESULTS.value, _OUT.value)
 
 
-if __name__ == "__main__":
+def cli():
+  """`fape-ablate` (pyproject.toml's console script) and `python -m fape_jax.ablate`."""
   errors.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -7,6 +7,7 @@ start with `run(main)` (absl's `app.run`, with flag mistakes as one line) and ru
 """
 
 import contextlib
+import os
 import sys
 
 from absl import app
@@ -36,8 +37,36 @@ def _innermost_message(e: BaseException) -> str:
   return str(e.args[0]) if e.args else str(e)
 
 
+def configs_dirs() -> list[str]:
+  """Where the repository's `configs/` lies: beside the package in a checkout or an editable
+  install, inside it (`fape_jax/configs`, pyproject.toml's package-dir) in an installed wheel."""
+  package = os.path.dirname(os.path.abspath(__file__))
+  return [d for d in (os.path.join(package, "configs"),
+                      os.path.join(os.path.dirname(package), "configs")) if os.path.isdir(d)]
+
+
+def resolve_config_paths(argv: list[str]) -> list[str]:
+  """`--config=configs/NAME.py[:variant]` names the shipped config when the working directory has
+  no such file, so the README's commands work from any directory once the package is installed;
+  a file that exists where it is named always wins."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if not arg.startswith("--config="):
+      continue
+    path, sep, variant = arg[len("--config="):].partition(":")
+    head, name = os.path.split(os.path.normpath(path))
+    if head != "configs" or os.path.exists(path):
+      continue
+    for d in configs_dirs():
+      if os.path.isfile(os.path.join(d, name)):
+        out[i] = f"--config={os.path.join(d, name)}{sep}{variant}"
+        break
+  return out
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
+    argv = resolve_config_paths(argv)
     argv = flags.FLAGS(argv)
     for name in list(flags.FLAGS):  # config files load lazily: load them now, among the flags
       # The config file flags themselves (`--config`), not their `--config.KEY` overrides.

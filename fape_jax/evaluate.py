@@ -13,6 +13,7 @@ writes OUT/metrics.json and OUT/report.html (self-contained: opens from disk, no
 from absl import app
 from absl import flags
 
+from fape_jax import backend
 from fape_jax import distributed
 from fape_jax import errors
 from fape_jax.errors import FapeError
@@ -35,6 +36,7 @@ _LPIPS_VGG = flags.DEFINE_string("lpips_vgg16", None, "torchvision VGG16 weights
 _LPIPS_LIN = flags.DEFINE_string("lpips_lin", None, "lpips' vgg.pth linear weights (default: the "
                                  "run's config.lpips.lin_path).")
 
+_EXPECT_BACKEND = flags.DEFINE_enum("expect_backend", "any", backend.CHOICES, backend.FLAG_HELP)
 _COMPILE_CACHE = flags.DEFINE_string("compilation_cache", distributed.COMPILATION_CACHE,
                                      distributed.COMPILATION_CACHE_HELP)
 
@@ -43,6 +45,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   with errors.exit_on_user_error():
+    backend.check(_EXPECT_BACKEND.value)
     distributed.enable_compilation_cache(_COMPILE_CACHE.value)
     from fape_jax import evaluate_lib  # pylint: disable=g-import-not-at-top
     if not _WORKDIR.value or not _OUT.value:
@@ -55,5 +58,10 @@ def main(argv):
         lpips_lin_path=_LPIPS_LIN.value)
 
 
-if __name__ == "__main__":
+def cli():
+  """`fape-evaluate` (pyproject.toml's console script) and `python -m fape_jax.evaluate`."""
   errors.run(main)
+
+
+if __name__ == "__main__":
+  cli()

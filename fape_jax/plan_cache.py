@@ -14,6 +14,7 @@ import json
 from absl import flags
 from ml_collections import config_flags
 
+from fape_jax import backend
 from fape_jax import errors
 
 # No default file: a default config is loaded (with its --config.KEY overrides) while the flags
@@ -25,11 +26,15 @@ _SHARD_INDEX = flags.DEFINE_integer("shard_index", None, "This process's shard (
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", None, "Number of shards (default: JAX process "
                                    "count).")
 _SUMMARY_JSON = flags.DEFINE_string("summary_json", None, "Also write the summary dict here.")
+# JAX only shards the job here; the planner and encoder run in PyTorch (their own
+# --config.planner.device / --config.encoder.device: cuda fails when torch sees no GPU).
+_EXPECT_BACKEND = flags.DEFINE_enum("expect_backend", "any", backend.CHOICES, backend.FLAG_HELP)
 
 
 def main(argv):
   del argv
   with errors.exit_on_user_error():
+    backend.check(_EXPECT_BACKEND.value)
     from fape_jax.planning import job  # pylint: disable=g-import-not-at-top (after flag parsing)
     summary = job.run(_CONFIG.value, shard_index=_SHARD_INDEX.value, num_shards=_NUM_SHARDS.value)
   print(job.format_summary(summary))
@@ -38,6 +43,11 @@ def main(argv):
       json.dump(summary, f, indent=2)
 
 
-if __name__ == "__main__":
+def cli():
+  """`fape-plan-cache` (pyproject.toml's console script) and `python -m fape_jax.plan_cache`."""
   flags.mark_flags_as_required(["config"])
   errors.run(main)
+
+
+if __name__ == "__main__":
+  cli()

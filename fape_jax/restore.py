@@ -15,6 +15,7 @@ import sys
 from absl import app
 from absl import flags
 
+from fape_jax import backend
 from fape_jax import distributed
 from fape_jax import errors
 from fape_jax.errors import FapeError
@@ -35,6 +36,7 @@ _BATCH = flags.DEFINE_integer("batch", 4, "Tiles per executor call (rounded up t
                               "the device count).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
 
+_EXPECT_BACKEND = flags.DEFINE_enum("expect_backend", "any", backend.CHOICES, backend.FLAG_HELP)
 _COMPILE_CACHE = flags.DEFINE_string("compilation_cache", distributed.COMPILATION_CACHE,
                                      distributed.COMPILATION_CACHE_HELP)
 
@@ -43,6 +45,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   with errors.exit_on_user_error():
+    backend.check(_EXPECT_BACKEND.value)
     distributed.enable_compilation_cache(_COMPILE_CACHE.value)
     from fape_jax import restore_lib  # pylint: disable=g-import-not-at-top
     if not _WORKDIR.value:
@@ -54,5 +57,10 @@ def main(argv):
   sys.exit(report.exit_code)
 
 
-if __name__ == "__main__":
+def cli():
+  """`fape-restore` (pyproject.toml's console script) and `python -m fape_jax.restore`."""
   errors.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -13,6 +13,7 @@ Restarting with the same --workdir resumes from its newest checkpoint.
 from absl import flags
 from ml_collections import config_flags
 
+from fape_jax import backend
 from fape_jax import distributed
 from fape_jax import errors
 from fape_jax.errors import FapeError
@@ -25,6 +26,7 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False,
                              "table for the config's mesh; allocates nothing.")
 _COMPILE_CACHE = flags.DEFINE_string("compilation_cache", distributed.COMPILATION_CACHE,
                                      distributed.COMPILATION_CACHE_HELP)
+_EXPECT_BACKEND = flags.DEFINE_enum("expect_backend", "any", backend.CHOICES, backend.FLAG_HELP)
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
@@ -34,6 +36,7 @@ def main(argv):
   del argv
   with errors.exit_on_user_error():
     distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
+    backend.check(_EXPECT_BACKEND.value)
     distributed.enable_compilation_cache(_COMPILE_CACHE.value)
     # pylint: disable=g-import-not-at-top (after distributed init)
     from fape_jax import dry_run
@@ -46,6 +49,11 @@ def main(argv):
     train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
-if __name__ == "__main__":
+def cli():
+  """`fape-train` (pyproject.toml's console script) and `python -m fape_jax.train`."""
   flags.mark_flags_as_required(["config"])
   errors.run(main)
+
+
+if __name__ == "__main__":
+  cli()

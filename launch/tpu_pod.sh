@@ -22,11 +22,16 @@
 #   MODULE            module run on every worker (default fape_jax.train)
 #   REMOTE_DIR        checkout directory on the workers, relative to the home directory
 #                     (default fape_jax)
-#   TPU_JAX           pip requirement that adds TPU support to the venv (default "jax[tpu]")
+#   TPU_JAX           pip requirement that adds TPU support to the venv (default "jax[tpu]", the
+#                     [tpu] extra: libtpu for the installed jax; `make setup` installs the CPU
+#                     jaxlib only). Installed once per worker, then checked on every call.
+#   EXPECT_BACKEND    passed as --expect_backend (default tpu: a worker whose jax finds no TPU
+#                     stops with an error instead of training on its CPU); empty: not passed
 #   DETACH            1: run in the background on the workers (log in ~/REMOTE_DIR/train.log),
 #                     so closing this terminal does not stop training (default 0)
 # Arguments are passed on to MODULE on every worker. The workers need python3 with venv and make;
-# `make setup` runs on every call but only installs when requirements.txt changed.
+# `make setup` runs on every call but only installs when requirements.txt, pyproject.toml or
+# constraints.txt changed.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; }
@@ -49,8 +54,11 @@ MODULE="${MODULE:-fape_jax.train}"
 REMOTE_DIR="${REMOTE_DIR:-fape_jax}"
 TPU_JAX="${TPU_JAX:-jax[tpu]}"
 DETACH="${DETACH:-0}"
+EXPECT_BACKEND="${EXPECT_BACKEND-tpu}"
 [[ "$DETACH" == 0 || "$DETACH" == 1 ]] || die "DETACH=$DETACH must be 0 or 1."
 [[ "$MODULE" =~ ^[A-Za-z_][A-Za-z0-9_.]*$ ]] || die "MODULE=$MODULE is not a Python module name."
+[[ -z "$EXPECT_BACKEND" || "$EXPECT_BACKEND" =~ ^(any|cpu|gpu|tpu)$ ]] ||
+  die "EXPECT_BACKEND=$EXPECT_BACKEND must be any, cpu, gpu, tpu or empty."
 [[ "$REMOTE_DIR" =~ ^[A-Za-z0-9_./-]+$ ]] || die "REMOTE_DIR=$REMOTE_DIR: use a plain relative path."
 if [[ "$WORKDIR" != gs://* ]]; then
   echo "tpu_pod.sh: warning: WORKDIR=$WORKDIR is not gs://; it must be a file system shared by" \
@@ -82,11 +90,17 @@ gcloud compute tpus tpu-vm scp "$tmp/fape_jax.tgz" "$TPU_NAME:fape_jax.tgz" --wo
 setup="set -e; mkdir -p ~/$REMOTE_DIR && tar -xzf ~/fape_jax.tgz -C ~/$REMOTE_DIR && cd ~/$REMOTE_DIR"
 setup+=" && make setup && { .venv/bin/python -c 'import libtpu' 2>/dev/null"
 setup+=" || .venv/bin/python -m pip install $(printf '%q' "$TPU_JAX"); }"
+# Then the jaxlib check (package metadata only; each process checks its devices on start-up).
+if [[ -n "$EXPECT_BACKEND" ]]; then
+  setup+=" && .venv/bin/python -m fape_jax.backend $EXPECT_BACKEND"
+fi
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all "${gc[@]}" --command="$setup"
 
 # 4. Start the run on every worker at once.
 run="cd ~/$REMOTE_DIR && .venv/bin/python -m $MODULE"
-run+=" $(printf '%q ' "--config=$CONFIG" "--workdir=$WORKDIR" "$@")"
+expect=()
+if [[ -n "$EXPECT_BACKEND" ]]; then expect=("--expect_backend=$EXPECT_BACKEND"); fi
+run+=" $(printf '%q ' "--config=$CONFIG" "--workdir=$WORKDIR" ${expect[@]+"${expect[@]}"} "$@")"
 if [[ "$DETACH" == 1 ]]; then
   run="cd ~/$REMOTE_DIR && nohup ${run#*&& } > train.log 2>&1 < /dev/null &"
 fi

