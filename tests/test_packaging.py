@@ -136,7 +136,7 @@ def test_packages_list_every_subpackage():
                ["packages"])
   found = {".".join(p.parent.relative_to(REPO).parts)
            for p in (REPO / "fape_jax").rglob("*.py") if "__pycache__" not in p.parts}
-  assert listed == found | {"fape_jax.configs"}
+  assert listed == found | {"fape_jax.configs", "fape_jax.static"}  # static: the demo's page
 
 
 def test_constraints_pin_what_is_installed():
