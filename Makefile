@@ -57,7 +57,7 @@ test: setup corpus browser
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The inner loop: everything but the tests marked `slow` (CLI subprocesses, several processes).
-test-fast: setup
+test-fast: setup browser
 	$(PY) -m pytest tests $(XDIST) -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -285,11 +285,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 
 class DemoServer(http.server.ThreadingHTTPServer):
-  """The HTTP server of a `Demo`; `url` is where the page is."""
+  """The HTTP server of a `Demo`; `url` is where the page is. `demo` may be set after the port is
+  bound and before serving (`main` binds first, so a port in use fails before the run loads)."""
 
   daemon_threads = True
 
-  def __init__(self, demo: Demo, host: str = "127.0.0.1", port: int = 0):
+  def __init__(self, demo: Demo | None, host: str = "127.0.0.1", port: int = 0):
     self.demo = demo
     self.static = {name: static_file(name) for name, _ in STATIC.values()}
     try:
@@ -317,26 +318,25 @@ def main(argv):
     backend.check(_EXPECT_BACKEND.value)
     distributed.enable_compilation_cache(_COMPILE_CACHE.value)
     from fape_jax import restore_lib  # pylint: disable=g-import-not-at-top
-    distributed.say(f"Loading {_WORKDIR.value} ...")
-    restorer = restore_lib.load_restorer(_WORKDIR.value, step=_CHECKPOINT.value,
-                                         batch=_BATCH.value)
-    demo = Demo(restorer, max_bytes=int(_MAX_UPLOAD_MB.value * 1e6),
-                max_pixels=int(_MAX_MEGAPIXELS.value * 1e6))
+    server = DemoServer(None, _HOST.value, _PORT.value)
     try:
+      distributed.say(f"Loading {_WORKDIR.value} ...")
+      restorer = restore_lib.load_restorer(_WORKDIR.value, step=_CHECKPOINT.value,
+                                           batch=_BATCH.value)
+      server.demo = Demo(restorer, max_bytes=int(_MAX_UPLOAD_MB.value * 1e6),
+                         max_pixels=int(_MAX_MEGAPIXELS.value * 1e6))
       distributed.say(f"Loading the planner and compiling the executor (step {restorer.step}, "
                       f"{restorer.tile}-px tiles) ...")
-      demo.warm_up()
-      server = DemoServer(demo, _HOST.value, _PORT.value)
+      server.demo.warm_up()
       distributed.say(f"fape demo of {_WORKDIR.value} at {server.url} (Ctrl-C stops it)")
       signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C: clean up
-      try:
-        server.serve_forever()
-      except KeyboardInterrupt:
-        distributed.say("Stopped.")
-      finally:
-        server.server_close()
+      server.serve_forever()
+    except KeyboardInterrupt:
+      distributed.say("Stopped.")
     finally:
-      demo.close()
+      server.server_close()
+      if server.demo is not None:
+        server.demo.close()
 
 
 def cli():

@@ -224,6 +224,17 @@ def test_the_page_in_a_browser(server, browser, tmp_path):
   assert not by_id("result").is_displayed()
   screenshot(browser, tmp_path / "demo_error.png")
 
+  # A file dropped on the drop zone goes the same way (a synthetic drop: WebDriver cannot drag
+  # files from the desktop).
+  browser.execute_script("""
+      const files = new DataTransfer();
+      files.items.add(new File([arguments[0]], arguments[1], {type: "text/plain"}));
+      document.getElementById("drop").dispatchEvent(
+          new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true}));
+      """, "not a picture", "dropped.txt")
+  assert wait_for_state(browser, "done", "error") == "error"
+  assert by_id("error").text.startswith("dropped.txt: .txt is not an image format")
+
   by_id("file").send_keys(str(good))  # the page and the server both carry on
   assert wait_for_state(browser, "done", "error") == "done"
   assert not by_id("error").is_displayed()
