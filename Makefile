@@ -13,9 +13,11 @@ XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The 'wallpapers' corpus set (fape_jax/data/corpus.py): photos from Debian wallpaper packages.
 CORPUS_PACKAGES := mate-backgrounds lomiri-wallpapers-16.04 plasma-workspace-wallpapers
+# The demo page's browser test (tests/test_demo.py) drives Debian's chromium through its driver.
+BROWSER_PACKAGES := chromium chromium-driver
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup corpus train test test-fast clean-venv constraints
+.PHONY: setup corpus browser train test test-fast clean-venv constraints
 
 $(VENV)/.installed: requirements.txt pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,18 +37,27 @@ corpus:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
 	    --no-install-recommends $(CORPUS_PACKAGES) >/dev/null; fi
 
+# Installs chromium and chromedriver once (apt-get; a no-op when present), for the browser test.
+browser:
+	@if dpkg-query -W -f='$${Status}\n' $(BROWSER_PACKAGES) 2>/dev/null | grep -vq "ok installed" \
+	  || ! dpkg-query -W $(BROWSER_PACKAGES) >/dev/null 2>&1; then \
+	  command -v apt-get >/dev/null || { echo "make browser: no apt-get here; install \
+	  $(BROWSER_PACKAGES) for the demo page's browser test" >&2; exit 1; }; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	    --no-install-recommends $(BROWSER_PACKAGES) >/dev/null; fi
+
 # The embedded default: prepares the pairs and plan stores if missing, trains, validates.
 TRAIN_ARGS ?=
 train: setup $(if $(findstring corpus=embedded,$(TRAIN_ARGS)),,corpus)
 	$(PY) -m fape_jax.train --config=configs/base.py --workdir=$(WORKDIR) $(TRAIN_ARGS)
 
 # pytest exit code 5 means "no tests collected": that is a failure here, not a pass.
-test: setup corpus
+test: setup corpus browser
 	$(PY) -m pytest tests $(XDIST) --durations=15 $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The inner loop: everything but the tests marked `slow` (CLI subprocesses, several processes).
-test-fast: setup
+test-fast: setup browser
 	$(PY) -m pytest tests $(XDIST) -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

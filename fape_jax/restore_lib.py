@@ -2,6 +2,7 @@
 
   restorer = load_restorer("runs/base")       # config.json + newest checkpoint, current devices
   result = restorer.restore(rgb01, *restorer.encode([plan]))
+  plan, result, meta = restore_image(restorer, images_lib.read_image(path))  # plan, restore
   report = restore_paths("runs/base", "in/", "out/")   # what `python -m fape_jax.restore` runs
 
 The run's `config.json` rebuilds the model; the checkpoint is restored with the abstract train
@@ -356,6 +357,24 @@ def sidecar(plan, restored: Restored, meta: dict) -> dict:
   })
 
 
+def restore_image(restorer: Restorer, image: images_lib.ImageFile,
+                  parsed=None) -> tuple[Any, Restored, dict]:
+  """(plan, restored, sidecar meta without "input") for one decoded image: planned by the
+  restorer's planner, or `parsed` (`parse_manual_plan`) when given; what the CLI and the demo
+  page (fape_jax/demo.py) both run per image."""
+  plans = (manual_plans(parsed, [image.rgb8]) if parsed is not None
+           else restorer.plan([image.rgb8]))
+  tokens, mask = restorer.encode(plans)
+  result = restorer.restore(image.rgb, tokens, mask)
+  h, w = image.rgb.shape[:2]
+  meta = {"workdir": os.path.abspath(restorer.workdir), "checkpoint_step": restorer.step,
+          "size": [w, h], "tiles": result.tiles, "tile": restorer.tile,
+          "overlap": restorer.overlap,
+          "planner": "manual" if parsed is not None else restorer.planner_kind,
+          "bits": image.bits, "gray": image.gray, "alpha": image.alpha is not None}
+  return plans[0], result, meta
+
+
 # ----------------------------------------------------------------------------------------------
 # Files and folders
 # ----------------------------------------------------------------------------------------------
@@ -469,22 +488,14 @@ def restore_paths(workdir: str | os.PathLike, input_path: str, output_path: str,
     try:
       image = images_lib.read_image(job.source)
       images_lib.check_writable_as(job.output, image)
-      plans = (manual_plans(parsed, [image.rgb8]) if parsed is not None
-               else restorer.plan([image.rgb8]))
-      tokens, mask = restorer.encode(plans)
-      result = restorer.restore(image.rgb, tokens, mask)
-      h, w = image.rgb.shape[:2]
-      meta = {"input": os.path.abspath(job.source), "workdir": os.path.abspath(restorer.workdir),
-              "checkpoint_step": restorer.step, "size": [w, h], "tiles": result.tiles,
-              "tile": restorer.tile, "overlap": restorer.overlap,
-              "planner": "manual" if parsed is not None else restorer.planner_kind,
-              "bits": image.bits, "gray": image.gray, "alpha": image.alpha is not None}
+      image_plan, result, meta = restore_image(restorer, image, parsed)
+      meta = {"input": os.path.abspath(job.source), **meta}
       os.makedirs(os.path.dirname(os.path.abspath(job.output)), exist_ok=True)
       images_lib.write_image(job.output, result.image, image)
       with open(job.sidecar, "w", encoding="utf-8") as f:
-        json.dump(sidecar(plans[0], result, meta), f, indent=2)
+        json.dump(sidecar(image_plan, result, meta), f, indent=2)
       report.done.append(job)
-      say(f"{job.source} -> {job.output} ({plans[0].task}, {result.tiles} tile(s))")
+      say(f"{job.source} -> {job.output} ({image_plan.task}, {result.tiles} tile(s))")
     except (FapeError, OSError) as e:
       report.failed[job.source] = str(e)
       print(f"error: {job.source}: {e}", file=sys.stderr)

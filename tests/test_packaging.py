@@ -22,7 +22,8 @@ PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 EXTRAS = PROJECT["optional-dependencies"]
 SCRIPTS = {"fape-train": "fape_jax.train:cli", "fape-restore": "fape_jax.restore:cli",
            "fape-evaluate": "fape_jax.evaluate:cli", "fape-plan-cache": "fape_jax.plan_cache:cli",
-           "fape-ablate": "fape_jax.ablate:cli", "fape-export": "fape_jax.export:cli"}
+           "fape-ablate": "fape_jax.ablate:cli", "fape-export": "fape_jax.export:cli",
+           "fape-demo": "fape_jax.demo:cli"}
 # Base dependencies that nothing imports, and why they are there.
 NOT_IMPORTED = {"scikit-learn": "two corpus photos ship inside it",
                 "pywavelets": "one corpus photo ships inside it"}
@@ -135,7 +136,7 @@ def test_packages_list_every_subpackage():
                ["packages"])
   found = {".".join(p.parent.relative_to(REPO).parts)
            for p in (REPO / "fape_jax").rglob("*.py") if "__pycache__" not in p.parts}
-  assert listed == found | {"fape_jax.configs"}
+  assert listed == found | {"fape_jax.configs", "fape_jax.static"}  # static: the demo's page
 
 
 def test_constraints_pin_what_is_installed():

@@ -158,11 +158,13 @@ class ImageFile:
     return np.round(self.rgb * 255.0).astype(np.uint8)
 
 
-def read_image(path: str | os.PathLike) -> ImageFile:
-  """Reads an image file keeping its bit depth, gray/colour and alpha; FapeError names the file."""
+def read_image(path: str | os.PathLike, *, name: str | None = None) -> ImageFile:
+  """Reads an image file keeping its bit depth, gray/colour and alpha; FapeError names the file,
+  as `name` when given (an upload the demo page saved to a temporary file)."""
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise FapeError(f"Image file {path} does not exist (or is not a file).")
+  where = name or path
   try:
     a, _ = _decode(path, full_depth=True)
     if a.dtype.kind in "iu" and a.dtype.itemsize > 1:  # Pillow's I / I;16 (16-bit gray)
@@ -170,15 +172,16 @@ def read_image(path: str | os.PathLike) -> ImageFile:
         raise FapeError("pixel values outside 0..65535 (a 32-bit image)")
       a = a.astype(np.uint16)
   except Exception as e:  # noqa: BLE001 (decoders raise many types for bad data)
-    raise FapeError(f"Cannot read image {path}: {type(e).__name__}: {e}. The file is corrupt, "
+    why = str(e).replace(path, where)  # Pillow quotes the path it was given
+    raise FapeError(f"Cannot read image {where}: {type(e).__name__}: {why}. The file is corrupt, "
                     "truncated or not an image.") from None
   if a.dtype not in (np.uint8, np.uint16):
-    raise FapeError(f"Image {path}: {a.dtype} pixels are not supported; save it as an 8- or "
+    raise FapeError(f"Image {where}: {a.dtype} pixels are not supported; save it as an 8- or "
                     "16-bit PNG, TIFF or JPEG.")
   if a.ndim == 2:
     a = a[..., None]
   if a.ndim != 3 or a.shape[2] not in (1, 2, 3, 4) or 0 in a.shape:
-    raise FapeError(f"Image {path}: unsupported shape {a.shape}; expected gray, gray+alpha, RGB "
+    raise FapeError(f"Image {where}: unsupported shape {a.shape}; expected gray, gray+alpha, RGB "
                     "or RGBA.")
   channels = a.shape[2]
   top = float(np.iinfo(a.dtype).max)
