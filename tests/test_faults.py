@@ -11,7 +11,7 @@ code they exercise:
   a resume with another model config         test_train (refused, run untouched), test_run_dir
   a second trainer in the same --workdir     test_train, test_run_dir (stale lock taken over)
   a truncated newest checkpoint              test_train (falls back to the previous step)
-  SIGTERM / SIGINT mid-run                   test_train (exit 143, checkpoint, exact resume)
+  SIGTERM mid-run                            test_train (exit 143, checkpoint, exact resume)
   a mistyped flag or --config.KEY            test_errors (one line, exit 2)
   restore: corrupt / odd inputs, output=input  test_restore (exit 1 with the rest written; 2)
   evaluate: one set that cannot be read      test_evaluate (exit 1, the other sets written)
