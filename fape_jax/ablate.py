@@ -16,6 +16,8 @@ or a preemption) resumes from its checkpoints. --config.* overrides apply to all
 config.seed per run. Prints the table (runs with unequal step counts are refused) and writes
 WORKDIR/ablation.json and WORKDIR/ablation.html; --results also writes the JSON there and --out
 renders it into Markdown (ABLATION.md).
+Exit code: 0 every run trained, 1 some runs failed (each named on stderr; the table holds the
+others, and --results/--out are not written), 2 usage error (or every run failed).
 """
 
 import shlex
@@ -82,6 +84,10 @@ def main(argv):
     command = shlex.join([".venv/bin/python", "-m", "fape_jax.ablate", *sys.argv[1:]])
     result = ablate_lib.run_ablation(_CONFIG.value, _WORKDIR.value, _VARIANTS.value,
                                      _SEEDS.value, command=command)
+    if ablate_lib.exit_code(result):
+      if _RESULTS.value or _OUT.value:
+        print("error: not writing --results/--out: the ablation is incomplete.", file=sys.stderr)
+      sys.exit(ablate_lib.exit_code(result))
     if distributed.is_main_process():
       ablate_lib.publish(result, _RESULTS.value, _OUT.value)
 

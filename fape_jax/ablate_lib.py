@@ -14,7 +14,10 @@ records the steps it actually ran (its newest checkpoint), so one stopped early 
 preemption) is never mistaken for a finished one: the next invocation resumes it from its
 checkpoints, and a finished run whose result matches its config is not retrained. The summary
 refuses runs with unequal step counts. It is printed and saved as WORKDIR/ablation.json and
-WORKDIR/ablation.html; `publish` also writes the JSON and the Markdown table (ABLATION.md).
+WORKDIR/ablation.html; `publish` also writes the JSON and the Markdown table (ABLATION.md). A run
+that fails (a `FapeError`: a non-finite loss, a refused resume) is named on stderr and in
+`result["failed"]` and the others still run and are tabulated (in a single process: several
+processes stop together at the first failure).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
@@ -32,6 +36,7 @@ from etils import epath
 
 from fape_jax import distributed
 from fape_jax.distributed import say
+from fape_jax import errors
 from fape_jax import report as report_lib
 from fape_jax import tasks as tasks_lib
 from fape_jax.errors import FapeError
@@ -342,13 +347,26 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     say(f"[ablation] config.max_wall_minutes={config.max_wall_minutes} is ignored: every run "
         f"trains exactly config.total_steps={config.total_steps} steps (to split a long run over "
         "invocations, use --config.stop_after=N; the same command resumes).")
-  runs = []
+  runs, failed = [], []
   for seed in seeds:  # seed-major: an interrupted ablation leaves complete seeds behind
     for name in names:
-      runs.append(_run_one(config, workdir, name, seed, train_fn, evaluate_fn))
+      try:
+        runs.append(_run_one(config, workdir, name, seed, train_fn, evaluate_fn))
+      except (FapeError, OSError) as e:
+        import jax  # pylint: disable=g-import-not-at-top
+        if jax.process_count() > 1:
+          raise  # the other processes may be inside a collective of this run: stop them all
+        # One variant that fails (a non-finite loss, a refused resume) does not cost the others.
+        failed.append({"variant": name, "seed": seed, "error": str(e)})
+        print(f"error: [ablation] {name}/seed_{seed}: {e}", file=sys.stderr)
+  if failed and not runs:
+    raise FapeError(f"[ablation] every run failed; the first: {failed[0]['variant']}/seed_"
+                    f"{failed[0]['seed']}: {failed[0]['error']}")
   result = build_table(runs, int(config.total_steps))
   result.update(command=command, machine=machine_info(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+  if failed:
+    result["failed"] = failed
   say(format_table(result))
   if result["steps"] != result["total_steps"]:
     say(f"[ablation] every run stopped at step {result['steps']} of {result['total_steps']} "
@@ -360,7 +378,16 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     (workdir / "ablation.html").write_text(
         report_lib.ablation_report({**result, "total_steps": result["steps"]}))
     say(f"Wrote {workdir / 'ablation.json'} and {workdir / 'ablation.html'}.")
+  if failed:
+    print(f"error: {len(failed)} of {len(failed) + len(runs)} run(s) failed (exit code "
+          f"{errors.PARTIAL_EXIT_CODE}); the table holds the others. The same command retries "
+          "them (finished runs are not retrained).", file=sys.stderr)
   return result
+
+
+def exit_code(result: Mapping[str, Any]) -> int:
+  """The CLI's exit status: 0 every run trained, 1 some failed (the table holds the others)."""
+  return errors.PARTIAL_EXIT_CODE if result.get("failed") else 0
 
 
 def _run_one(config, workdir: epath.Path, name: str, seed: int, train_fn, evaluate_fn) -> dict:

@@ -38,6 +38,17 @@ def _register_array_handler() -> None:
       override=True)
 
 
+def _summary(e: BaseException, width: int = 300) -> str:
+  """One line for a failed read: Orbax's messages run to pages (tree diffs, TensorStore specs)."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  text = lines[0] if lines else ""
+  if "tree structures do not match" in text and len(lines) > 2:
+    text = f"{text.rstrip(':')} (first: {lines[1]} {lines[2].lstrip('- ')})"
+  text = f"{type(e).__name__}: {text}"
+  # TensorStore puts the path first and the cause ("No space left on device") last: keep both ends.
+  return text if len(text) <= width else f"{text[:width // 2 - 3]} ... {text[-(width // 2 - 2):]}"
+
+
 class Checkpointer:
   """Save/restore the train state and the data iterator as one step."""
 
@@ -59,20 +70,34 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, data_iter=None, *, force: bool = False) -> bool:
-    """Saves if `step` is on the interval (or `force`); blocks until the save is complete."""
+    """Saves if `step` is on the interval (or `force`); blocks until the save is complete.
+
+    A failed write (a full disk, a lost mount) raises one FapeError; the earlier steps are kept.
+    """
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
-    self._manager.wait_until_finished()
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001 (a full disk or a failed write, whatever type raises)
+      # Orbax writes into a temporary folder and renames it when complete: the failed step never
+      # became a checkpoint, and the earlier ones are as they were.
+      kept = [s for s in self.all_steps() if s != step]
+      raise FapeError(
+          f"Could not write the checkpoint of step {step} in {self.directory} ({_summary(e)}). "
+          f"The earlier checkpoints ({kept or 'none'}) are intact: free space or fix the folder, "
+          "then run the same command to resume"
+          f"{f' from step {kept[-1]}' if kept else ''}.") from e
     return saved
 
   def restore(self, abstract_state: Any, data_iter=None, *, step: int | None = None):
     """Restores `step` (default: the newest that reads back), returns (step, state).
 
-    A step that fails to read (a truncated or corrupt folder) is skipped with a warning and the
-    previous one is tried, so one bad write never strands a run. Returns (None, None) when the
-    directory holds no checkpoint.
+    A step that fails to read (a truncated or corrupt folder) is skipped and the previous one is
+    tried, so one bad write never strands a run (a warning names what was skipped, and why). When
+    none reads back, one FapeError says so. Returns (None, None) when the directory holds no
+    checkpoint.
     """
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     if step is not None and step not in self.all_steps():
@@ -86,18 +111,21 @@ class Checkpointer:
       try:
         restored = self._manager.restore(s, args=ocp.args.Composite(**items))
       except Exception as e:  # noqa: BLE001 (any read failure means "this step is unusable")
-        logging.warning("Checkpoint step %d in %s could not be restored (%s: %s); trying the "
-                        "previous one.", s, self.directory, type(e).__name__, str(e)[:300])
+        logging.info("Checkpoint step %d in %s could not be restored (%s).", s, self.directory,
+                     _summary(e))
         errors.append((s, e))
         continue
+      for bad, e in errors:
+        logging.warning("Checkpoint step %d in %s could not be restored (%s).", bad,
+                        self.directory, _summary(e))
       if errors:
         logging.warning("Resumed from step %d instead of the newest step %d.", s, errors[0][0])
       return s, restored["state"]
     if errors:
       raise FapeError(
           f"None of the checkpoints in {self.directory} could be restored (steps "
-          f"{[s for s, _ in errors]}); last error: {errors[-1][1]}. If the model config changed "
-          "since they were written, use a new --workdir.")
+          f"{[s for s, _ in errors]}); last error: {_summary(errors[-1][1])}. If the model "
+          "config changed since they were written, use a new --workdir.")
     return None, None
 
   def close(self):

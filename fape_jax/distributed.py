@@ -24,6 +24,7 @@ device that is not there), and one process per node drives all the GPUs it sees.
 
 from __future__ import annotations
 
+import atexit
 import collections.abc
 import dataclasses
 import glob
@@ -33,6 +34,8 @@ import json
 import os
 import re
 import socket
+import sys
+import threading
 import time
 from typing import Any, Mapping, Sequence
 
@@ -41,6 +44,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from fape_jax import errors
 from fape_jax.errors import FapeError
 
 # Variables that mark a Cloud TPU pod host even where the PCI scan below cannot see the chips
@@ -134,8 +138,109 @@ def initialize(coordinator_address: str | None = None,
   logging.info("distributed: joined as process %d of %d, %d local / %d global devices.",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
+  _fail_fast()
   _initialized = setup
   return setup
+
+
+# --- Fail fast: an error on one process ends every process within seconds ---------------------
+#
+# Left alone, a process that fails waits in jax's shutdown barrier (300 s) for peers that wait in
+# their next collective for it, and then all of them abort with a C++ stack dump. Instead, a failing
+# process (an `errors.exit_on_user_error` hook) publishes its exit code and message in the
+# coordination service's key-value store; a watchdog thread in every process waits on that key and
+# ends its process with the message and the same exit code. Process 0 hosts the service, so it
+# leaves last: once every process has said it is stopping (or after `_STOP_WAIT_S`); the others
+# leave as soon as they have said so (a process whose service disappears aborts with a stack dump).
+# A process that dies without a word (killed, segfault) is left to jax's own heartbeats.
+
+_FAILURE_KEY = "fape_jax/failure"
+_STOPPING_DIR = "fape_jax/stopping/"
+_STOP_WAIT_S = 10.0
+_stopping = threading.Lock()  # held by whichever ends this process: its own error or a peer's
+
+
+def _client():
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  return jax_distributed.global_state.client  # no public accessor (Orbax reads it the same way)
+
+
+def _exit_now(code: int) -> None:
+  """Ends the process without jax's shutdown barrier (whose peers are gone or going)."""
+  for stream in (sys.stdout, sys.stderr):
+    stream.flush()
+  logging.flush()
+  os._exit(code)  # pylint: disable=protected-access
+
+
+def _leave(client, code: int) -> None:
+  """Says this process is stopping, then exits (process 0 once all others have said so)."""
+  try:
+    client.key_value_set(f"{_STOPPING_DIR}{jax.process_index()}", str(code))
+    if jax.process_index() == 0:
+      deadline = time.monotonic() + _STOP_WAIT_S
+      while (len(client.key_value_dir_get(_STOPPING_DIR)) < jax.process_count()
+             and time.monotonic() < deadline):
+        time.sleep(0.05)
+      time.sleep(0.2)  # the last of them may still be between its message and its exit
+  except Exception as e:  # noqa: BLE001 (the service is gone: nobody left to tell)
+    logging.warning("distributed: could not tell the other processes (%s).", e)
+  _exit_now(code)
+
+
+def _stop_group(code: int, message: str, report) -> None:
+  """`errors.on_failure` hook: reports, tells the other processes, ends this one with `code`."""
+  client = _client()
+  if client is None:
+    return
+  if not _stopping.acquire(blocking=False):
+    # A peer failed first and the watchdog is ending this process: this error (a collective that
+    # lost its peer) is only a consequence of that one. Let the watchdog finish.
+    time.sleep(2 * _STOP_WAIT_S)
+    return
+  report()
+  try:
+    client.key_value_set(_FAILURE_KEY, json.dumps({"process": jax.process_index(), "code": code,
+                                                   "message": message}))
+  except Exception:  # noqa: BLE001 (ALREADY_EXISTS: another process failed first and said so)
+    pass
+  _leave(client, code)
+
+
+def _watch(client, pid: int, done: threading.Event) -> None:
+  """Watchdog thread: waits for a failure on any process, then ends this one with its message."""
+  while not done.is_set():
+    try:
+      # Short waits: at a normal end `done` stops the thread before the interpreter shuts down (a
+      # daemon thread still inside a C++ call then aborts the process).
+      failure = json.loads(client.blocking_key_value_get(_FAILURE_KEY, 500))
+    except Exception as e:  # noqa: BLE001 (jax raises its runtime error type)
+      if "DEADLINE_EXCEEDED" in str(e):
+        continue  # nothing failed yet
+      return  # the service is gone: jax's heartbeats end this process
+    if not _stopping.acquire(blocking=False):
+      return  # this process failed too: its own exit path runs
+    print(f"error: process {failure['process']} failed: {failure['message']} (process {pid} "
+          "stops too)", file=sys.stderr)
+    _leave(client, int(failure["code"]))
+
+
+def _fail_fast() -> None:
+  """Starts the watchdog and the failure hook (see above) once this process has joined."""
+  client = _client()
+  if client is None:
+    return
+  done = threading.Event()
+  watchdog = threading.Thread(target=_watch, args=(client, jax.process_index(), done),
+                              daemon=True, name="fape_jax-fail-fast")
+  watchdog.start()
+
+  def stop_watching():  # runs before jax's own exit handler (atexit is last in, first out)
+    done.set()
+    watchdog.join()
+
+  atexit.register(stop_watching)
+  errors.on_failure.append(_stop_group)
 
 
 def is_main_process() -> bool:

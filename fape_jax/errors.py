@@ -4,16 +4,30 @@ Every mistake a user can make (bad config option, missing file, corrupt image, m
 raises `FapeError` with a message that says what went wrong, where, and what to do. Entry points
 start with `run(main)` (absl's `app.run`, with flag mistakes as one line) and run their work under
 `exit_on_user_error()`, which prints the message without a traceback.
+
+Exit codes of every entry point: 0 done, 1 a partial failure (some images, sets or variants failed;
+the others are written) or an unexpected error (a traceback), 2 a usage error (a `FapeError`).
 """
 
 import contextlib
+import functools
+import logging
 import os
 import sys
+import traceback
+from typing import Callable
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 
+PARTIAL_EXIT_CODE = 1
 USAGE_EXIT_CODE = 2
+
+# Called as hook(exit code, message, report) when an entry point fails, before it exits. A hook that
+# takes the failure over calls `report()` (which prints it here) and ends the process itself; a
+# multi-process run registers one that stops the other processes too (`distributed`).
+on_failure: list[Callable[[int, str, Callable[[], None]], None]] = []
 
 
 class FapeError(Exception):
@@ -22,12 +36,22 @@ class FapeError(Exception):
 
 @contextlib.contextmanager
 def exit_on_user_error():
-  """Turns a `FapeError` into its message on stderr and exit status 2 (a usage error)."""
+  """Turns a `FapeError` into its message on stderr and exit status 2 (a usage error).
+
+  Any other exception keeps its traceback and exit status 1 (absl prints it).
+  """
   try:
     yield
   except FapeError as e:
-    print(f"error: {e}", file=sys.stderr)  # once: no absl log line repeating it
+    report = lambda: print(f"error: {e}", file=sys.stderr)  # once: no absl log line repeating it
+    for hook in on_failure:
+      hook(USAGE_EXIT_CODE, str(e), report)
+    report()
     sys.exit(USAGE_EXIT_CODE)
+  except Exception as e:  # noqa: BLE001 (re-raised: only the hooks see it here)
+    for hook in on_failure:
+      hook(1, f"{type(e).__name__}: {e}", traceback.print_exc)
+    raise
 
 
 def _innermost_message(e: BaseException) -> str:
@@ -85,7 +109,28 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(USAGE_EXIT_CODE)
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _not_library_chatter(record: logging.LogRecord) -> bool:
+  """Drops what Orbax, Grain, TensorStore and TFDS log on their own: pages of INFO, routine
+  WARNINGs and, when a write fails, the same error with its traceback once per background thread.
+  What matters reaches this package as an exception and is reported once (a `FapeError` line or
+  a traceback); jax's warnings (a missing GPU backend) and this package's records stay."""
+  if record.pathname.startswith(_PACKAGE) or record.levelno >= logging.CRITICAL:
+    return True
+  return record.name.startswith("jax") and record.levelno >= logging.WARNING
+
+
 def run(main) -> None:
   """`app.run(main)` where a mistyped flag or `--config.KEY` (unknown key, wrong type, bad config
-  file) is one line on stderr and exit status 2, not a traceback."""
-  app.run(main, flags_parser=_parse_flags)
+  file) is one line on stderr and exit status 2, not a traceback, and libraries' routine log
+  records are dropped (`--verbosity=1` shows everything)."""
+
+  @functools.wraps(main)
+  def quiet_main(argv):
+    if flags.FLAGS.verbosity < 1:
+      absl_logging.get_absl_handler().addFilter(_not_library_chatter)
+    return main(argv)
+
+  app.run(quiet_main, flags_parser=_parse_flags)

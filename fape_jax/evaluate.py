@@ -7,8 +7,11 @@ r"""Evaluate a trained run: metrics tables, planner readout, baselines and an HT
 Evaluates the run's validation split (the embedded synthetic one by default), the zero-shot
 CDD-11-style mixes and any benchmark folders given with --data=NAME:FOLDER; prints the tables and
 writes OUT/metrics.json and OUT/report.html (self-contained: opens from disk, no network).
+Exit code: 0 every set evaluated, 1 some sets failed (each named on stderr; the others are
+written), 2 usage error.
 """
 
+import sys
 
 from absl import app
 from absl import flags
@@ -51,11 +54,12 @@ def main(argv):
     if not _WORKDIR.value or not _OUT.value:
       raise FapeError("--workdir (the training run) and --out (the report folder) are required.")
     data = evaluate_lib.parse_data_flag(_DATA.value)
-    evaluate_lib.evaluate(
+    metrics = evaluate_lib.evaluate(
         _WORKDIR.value, _OUT.value, data=data, step=_CHECKPOINT.value, per_task=_PER_TASK.value,
         mixes=_MIXES.value, baselines=_BASELINES.value, num_samples=_SAMPLES.value,
         data_dir=_DATA_DIR.value, lpips_vgg16_path=_LPIPS_VGG.value,
         lpips_lin_path=_LPIPS_LIN.value)
+  sys.exit(evaluate_lib.exit_code(metrics))
 
 
 def cli():

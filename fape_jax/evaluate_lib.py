@@ -20,7 +20,9 @@ baseline of `fape_jax.baselines` for that task; the planner's task readout again
 mean per-layer routing weights. Super-resolution inputs stored smaller are upsampled bicubically
 to the ground truth's size first, as the executor receives them in training.
 
-Writes OUT/metrics.json and OUT/report.html (`fape_jax.report`) and returns the metrics.
+Writes OUT/metrics.json and OUT/report.html (`fape_jax.report`) and returns the metrics. A set
+that fails (a benchmark folder with a corrupt image, an empty split) is named on stderr and in
+`metrics["failed"]`; the other sets are still evaluated and written (`exit_code(metrics)` is 1).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import collections
 import itertools
 import json
 import os
+import sys
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -38,6 +41,7 @@ from etils import epath
 
 from fape_jax import baselines as baselines_lib
 from fape_jax.distributed import say
+from fape_jax import errors
 from fape_jax import metrics as metrics_lib
 from fape_jax import report as report_lib
 from fape_jax import restore_lib
@@ -325,25 +329,32 @@ def evaluate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
   # Validation plans come from the run's plan store (whatever planner built it); the mixes and
   # benchmarks are planned now by the restorer's planner, unless the store has them.
   store_planner = store.manifest.get("planner", "?") if store is not None else None
-  sets["validation"], samples["validation"] = evaluate_set(
-      "validation", "single", select_records(prepared.val, per_task), restorer, store=store,
-      planner_name=store_planner or restorer.planner_kind, lpips=lpips, baselines=baselines,
-      num_samples=num_samples)
-  say(format_set_table("validation", sets["validation"]))
+  jobs: list[tuple[str, Callable[[], tuple[dict, dict]]]] = [
+      ("validation", lambda: evaluate_set(
+          "validation", "single", select_records(prepared.val, per_task), restorer, store=store,
+          planner_name=store_planner or restorer.planner_kind, lpips=lpips, baselines=baselines,
+          num_samples=num_samples))]
   if mixes:
-    pairs.prepare_synthetic(config.data.data_dir, config.data)
-    src = pairs.open_pairs(config.data.data_dir, pairs.SYNTHETIC, "mixes", config.data)
-    sets["mixes"], samples["mixes"] = evaluate_set(
-        "mixes", "mixes", select_records(src, per_task), restorer, store=store,
-        planner_name=restorer.planner_kind, lpips=lpips, baselines=False,
-        num_samples=num_samples)
-    say(format_set_table("mixes", sets["mixes"]))
+    def mixes_set():
+      pairs.prepare_synthetic(config.data.data_dir, config.data)
+      src = pairs.open_pairs(config.data.data_dir, pairs.SYNTHETIC, "mixes", config.data)
+      return evaluate_set("mixes", "mixes", select_records(src, per_task), restorer, store=store,
+                          planner_name=restorer.planner_kind, lpips=lpips, baselines=False,
+                          num_samples=num_samples)
+    jobs.append(("mixes", mixes_set))
   for name, folder in data:
-    src = _benchmark_source(config, name, folder)
-    sets[name], samples[name] = evaluate_set(
-        name, "single", select_records(src, per_task), restorer,
-        planner_name=restorer.planner_kind, lpips=lpips, baselines=baselines,
-        num_samples=num_samples)
+    jobs.append((name, lambda name=name, folder=folder: evaluate_set(
+        name, "single", select_records(_benchmark_source(config, name, folder), per_task),
+        restorer, planner_name=restorer.planner_kind, lpips=lpips, baselines=baselines,
+        num_samples=num_samples)))
+  failed = {}
+  for name, job in jobs:  # one set that cannot be read does not cost the others
+    try:
+      sets[name], samples[name] = job()
+    except (FapeError, OSError) as e:
+      failed[name] = str(e)
+      print(f"error: set {name}: {e}", file=sys.stderr)
+      continue
     say(format_set_table(name, sets[name]))
   if baselines:
     for name, s in sets.items():
@@ -358,11 +369,21 @@ def evaluate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
               "lpips": lpips is not None, "per_task": per_task,
               "seconds": round(time.perf_counter() - t0, 2)},
       "sets": sets,
+      "failed": failed,
   }
   (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
   (out_dir / "report.html").write_text(report_lib.evaluation_report(metrics, samples))
   say(f"Wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}.")
+  if failed:
+    print(f"error: {len(failed)} of {len(jobs)} set(s) failed ({', '.join(failed)}; exit code "
+          f"{errors.PARTIAL_EXIT_CODE}); the others are in {out_dir / 'metrics.json'}.",
+          file=sys.stderr)
   return metrics
+
+
+def exit_code(metrics: dict) -> int:
+  """The CLI's exit status: 0 every set evaluated, 1 some failed (the others are written)."""
+  return errors.PARTIAL_EXIT_CODE if metrics.get("failed") else 0
 
 
 def validation_psnr(workdir: str | os.PathLike, *, limit: int = 0,

@@ -301,6 +301,8 @@ def evaluation_report(metrics: Mapping[str, Any],
           "PSNR per task.</p>"]
   body.append("<nav>" + "".join(f'<a href="#{anchor(n)}">{esc(n)}</a>'
                                 for n in metrics["sets"]) + "</nav>")
+  for name, why in metrics.get("failed", {}).items():
+    body.append(f"<p><b>Set {esc(name)} failed</b>: {esc(why)}</p>")
   for name, s in metrics["sets"].items():
     body.append(_set_summary(name, s))
     routing = {t: v["routing"] for t, v in s["tasks"].items() if v.get("routing")}

@@ -45,12 +45,13 @@ from etils import epath
 from flax import nnx
 
 from fape_jax import checkpoint as ckpt_lib
+from fape_jax import errors
 from fape_jax import sharding as shard_lib
 from fape_jax import tiling
 from fape_jax.data import images as images_lib
 from fape_jax.errors import FapeError
 
-EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, errors.PARTIAL_EXIT_CODE, errors.USAGE_EXIT_CODE
 DEFAULT_TILE = 256
 PLANNERS = ("rule", "hf")
 

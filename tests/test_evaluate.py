@@ -76,13 +76,22 @@ class MeanAbsLPIPS(nnx.Module):
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
+def run(tmp_path_factory):
   run = tmp_path_factory.mktemp("run")
   write_identity_run(run, tmp_path_factory.getbasetemp() / "tiny_data")
+  return run
+
+
+@pytest.fixture(scope="module")
+def restorer(run):
+  # Two devices, two 32-px tiles per call: whole 32-px images and tiles share one compilation.
+  return restore_lib.load_restorer(run, devices=jax.devices()[:2], batch=2)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, run, restorer):
   bench = rain_folder(tmp_path_factory.mktemp("rain100l"))
   out = tmp_path_factory.mktemp("eval")
-  # Two devices, two 32-px tiles per call: whole 32-px images and tiles share one compilation.
-  restorer = restore_lib.load_restorer(run, devices=jax.devices()[:2], batch=2)
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed), pytest.MonkeyPatch.context() as mp:
     mp.setattr(lpips_lib, "maybe_load_lpips", lambda vgg, lin: MeanAbsLPIPS())
@@ -204,3 +213,25 @@ def test_data_flag_is_checked(tmp_path):
     evaluate_lib.parse_data_flag([f"rain999:{tmp_path}"])
   with pytest.raises(FapeError, match="not a folder"):
     evaluate_lib.parse_data_flag([f"rain100l:{tmp_path}/missing"])
+
+
+def test_a_set_that_fails_is_named_and_the_others_are_written(run, restorer, tmp_path, capsys):
+  bad = tmp_path / "snow"  # Snow100K layout, its one degraded image corrupt
+  for sub in ("synthetic", "gt"):
+    (bad / sub).mkdir(parents=True)
+  Image.fromarray(np.full((40, 48, 3), 128, np.uint8)).save(bad / "gt" / "0.png")
+  (bad / "synthetic" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+  before = {p: p.read_bytes() for p in bad.rglob("*.png")}
+  out = tmp_path / "eval"
+  metrics = evaluate_lib.evaluate(run, out, data=[("snow100k_s", str(bad))], per_task=1,
+                                  mixes=False, baselines=False, num_samples=0, restorer=restorer)
+  assert list(metrics["sets"]) == ["validation"] and list(metrics["failed"]) == ["snow100k_s"]
+  assert "Cannot read image" in metrics["failed"]["snow100k_s"]
+  assert evaluate_lib.exit_code(metrics) == 1  # the CLI's exit status
+  err = capsys.readouterr().err
+  assert f"error: set snow100k_s: Cannot read image {bad / 'synthetic' / '0.png'}" in err
+  assert "error: 1 of 2 set(s) failed (snow100k_s; exit code 1); the others are in" in err
+  saved = json.loads((out / "metrics.json").read_text())  # the validation set is kept
+  assert saved["failed"] == metrics["failed"] and list(saved["sets"]) == ["validation"]
+  assert "Set snow100k_s failed" in (out / "report.html").read_text()
+  assert {p: p.read_bytes() for p in bad.rglob("*.png")} == before  # inputs untouched

@@ -39,7 +39,7 @@ Two builders:
 Bad input: an unreadable/corrupt file, a degraded file without its clean partner, a pair with
 mismatched sizes, or a folder with nothing matching the layout raise `FapeError` naming the file;
 with `skip_bad=True` a bad file or pair is logged and skipped instead (an empty folder still
-raises).
+raises), and the builder's `skipped` lists them (pairs.prepare_folder logs the count).
 """
 
 from __future__ import annotations
@@ -398,10 +398,12 @@ def _rel(path: str, root: str) -> str:
   return os.path.relpath(path, root).replace(os.sep, "/")
 
 
-def _bad(msg: str, skip_bad: bool) -> None:
+def _bad(msg: str, skip_bad: bool, skipped: list[str] | None = None) -> None:
   if not skip_bad:
     raise FapeError(msg)
   logging.warning("Skipping: %s", msg)
+  if skipped is not None:
+    skipped.append(msg)
 
 
 def _strip_ext(rel: str) -> str:
@@ -409,7 +411,7 @@ def _strip_ext(rel: str) -> str:
 
 
 def _pairs_from_rule(name: str, split: str, layout: Layout, rule: Rule, root: str,
-                     skip_bad: bool) -> list[PairSpec]:
+                     skip_bad: bool, skipped: list[str] | None) -> list[PairSpec]:
   task = rule.task or layout.task
   out = []
   if rule.listing:
@@ -423,12 +425,12 @@ def _pairs_from_rule(name: str, split: str, layout: Layout, rule: Rule, root: st
           continue
         if len(fields) != 2:
           _bad(f"{lst}:{lineno}: expected two paths (clean and degraded), got {line.strip()!r}",
-               skip_bad)
+               skip_bad, skipped)
           continue
         is_clean = [bool(re.search(r"(^|/)(gt|GT|target|sharp)/", p)) for p in fields]
         if sum(is_clean) != 1:
           _bad(f"{lst}:{lineno}: cannot tell which path is the clean one (it should lie in a "
-               f"gt/ folder): {line.strip()!r}", skip_bad)
+               f"gt/ folder): {line.strip()!r}", skip_bad, skipped)
           continue
         clean, deg = (fields[0], fields[1]) if is_clean[0] else (fields[1], fields[0])
         out.append(PairSpec(f"{name}/{split}/{_strip_ext(deg)}", os.path.join(root, deg),
@@ -457,14 +459,18 @@ def _pairs_from_rule(name: str, split: str, layout: Layout, rule: Rule, root: st
           break
     if clean is None:
       _bad(f"No clean image for degraded {path}: looked for {', '.join(tried) or '(no rule)'}. "
-           f"Expected layout for {name}: {layout.description}.", skip_bad)
+           f"Expected layout for {name}: {layout.description}.", skip_bad, skipped)
       continue
     out.append(PairSpec(f"{name}/{split}/{_strip_ext(rel)}", path, clean, task, params))
   return out
 
 
-def find_pairs(name: str, root: str, *, skip_bad: bool = False) -> dict[str, list[PairSpec]]:
-  """Split -> pairs found under `root` in dataset `name`'s layout (raises if none at all)."""
+def find_pairs(name: str, root: str, *, skip_bad: bool = False,
+               skipped: list[str] | None = None) -> dict[str, list[PairSpec]]:
+  """Split -> pairs found under `root` in dataset `name`'s layout (raises if none at all).
+
+  With `skip_bad`, what is skipped is logged and appended to `skipped`.
+  """
   if name not in LAYOUTS:
     raise FapeError(f"Unknown paired dataset {name!r}; known: {', '.join(LAYOUTS)}.")
   layout = LAYOUTS[name]
@@ -476,7 +482,7 @@ def find_pairs(name: str, root: str, *, skip_bad: bool = False) -> dict[str, lis
   for split, alternatives in layout.splits.items():
     for alt in alternatives:
       pairs = [p for rule in alt for p in _pairs_from_rule(name, split, layout, rule, root,
-                                                           skip_bad)]
+                                                           skip_bad, skipped)]
       if pairs:
         found[split] = sorted(pairs, key=lambda p: p.rid)
         break
@@ -488,8 +494,8 @@ def find_pairs(name: str, root: str, *, skip_bad: bool = False) -> dict[str, lis
   return found
 
 
-def _load_pair(spec: PairSpec, layout: Layout, name: str,
-               skip_bad: bool) -> dict[str, Any] | None:
+def _load_pair(spec: PairSpec, layout: Layout, name: str, skip_bad: bool,
+               skipped: list[str] | None = None) -> dict[str, Any] | None:
   try:
     clean, clean_notes = images.read_rgb(spec.clean)
     params = dict(spec.params)
@@ -499,7 +505,7 @@ def _load_pair(spec: PairSpec, layout: Layout, name: str,
     scale = images.check_pair(degraded, clean, spec.degraded, spec.clean,
                               allow_scale=layout.allow_scale)
   except FapeError as e:
-    _bad(str(e), skip_bad)
+    _bad(str(e), skip_bad, skipped)
     return None
   if scale != 1:
     params["scale"] = scale
@@ -539,6 +545,7 @@ class PairedFolders(_CodePathFromFile, tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, skip_bad: bool = False, **kwargs):
     self._skip_bad = skip_bad
+    self.skipped: list[str] = []  # what a skip_bad build left out, one message each
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -551,13 +558,13 @@ class PairedFolders(_CodePathFromFile, tfds.core.GeneratorBasedBuilder):
       root = os.fspath(dl_manager.manual_dir)
     except AssertionError as e:
       raise FapeError(f"{name}: {str(e).splitlines()[0]}") from None
-    found = find_pairs(name, root, skip_bad=self._skip_bad)
+    found = find_pairs(name, root, skip_bad=self._skip_bad, skipped=self.skipped)
     return {split: self._generate_examples(pairs) for split, pairs in found.items()}
 
   def _generate_examples(self, pairs: list[PairSpec]) -> Iterator[tuple[str, dict]]:
     name = self.builder_config.name
     layout = LAYOUTS[name]
     for spec in pairs:
-      recs = _load_pair(spec, layout, name, self._skip_bad)
+      recs = _load_pair(spec, layout, name, self._skip_bad, self.skipped)
       for rid, rec in (recs or {}).items():
         yield rid, rec

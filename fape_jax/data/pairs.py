@@ -147,6 +147,10 @@ def prepare_folder(data_dir: str | os.PathLike, name: str, manual_dir: str | os.
     logging.info("Building the %s pairs store from %s into %s.", name, manual_dir, b.data_dir)
     b.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=os.fspath(manual_dir)))
+    if b.skipped:
+      logging.warning("Skipped %d bad file(s) or pair(s) of %s (data.skip_bad=True); the %s "
+                      "store in %s holds the others. First: %s", len(b.skipped), manual_dir, name,
+                      b.data_dir, b.skipped[0])
   return os.fspath(b.data_dir)
 
 
