@@ -27,24 +27,25 @@ $(VENV)/.installed: requirements.txt pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-# Installs the wallpaper photos once (apt-get; a no-op when present). Without apt-get, train on
-# the photos bundled with Python packages: make train TRAIN_ARGS=--config.data.corpus=embedded
-corpus:
-	@if dpkg-query -W -f='$${Status}\n' $(CORPUS_PACKAGES) 2>/dev/null | grep -vq "ok installed" \
-	  || ! dpkg-query -W $(CORPUS_PACKAGES) >/dev/null 2>&1; then \
-	  command -v apt-get >/dev/null || { echo "make corpus: no apt-get here; install \
-	  $(CORPUS_PACKAGES) or pass TRAIN_ARGS=--config.data.corpus=embedded" >&2; exit 1; }; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    --no-install-recommends $(CORPUS_PACKAGES) >/dev/null; fi
+# apt_install(target, packages, hint): installs the Debian packages once (a no-op when all are
+# installed: `dpkg-query` prints "install ok installed" per package and fails on unknown ones).
+define apt_install
+	@if ! dpkg-query -W -f='$${Status}\n' $(2) 2>/dev/null | grep -qv "ok installed" \
+	  && dpkg-query -W $(2) >/dev/null 2>&1; then exit 0; fi; \
+	command -v apt-get >/dev/null || { echo "make $(1): no apt-get here; install $(2) $(3)" >&2; \
+	  exit 1; }; \
+	$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+	  --no-install-recommends $(2) >/dev/null
+endef
 
-# Installs chromium and chromedriver once (apt-get; a no-op when present), for the browser test.
+# The wallpaper photos (fape_jax/data/corpus.py). Without apt-get, train on the photos bundled
+# with Python packages: make train TRAIN_ARGS=--config.data.corpus=embedded
+corpus:
+	$(call apt_install,corpus,$(CORPUS_PACKAGES),or pass TRAIN_ARGS=--config.data.corpus=embedded)
+
+# chromium and its driver, for the demo page's browser test (tests/test_demo.py).
 browser:
-	@if dpkg-query -W -f='$${Status}\n' $(BROWSER_PACKAGES) 2>/dev/null | grep -vq "ok installed" \
-	  || ! dpkg-query -W $(BROWSER_PACKAGES) >/dev/null 2>&1; then \
-	  command -v apt-get >/dev/null || { echo "make browser: no apt-get here; install \
-	  $(BROWSER_PACKAGES) for the demo page's browser test" >&2; exit 1; }; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
-	    --no-install-recommends $(BROWSER_PACKAGES) >/dev/null; fi
+	$(call apt_install,browser,$(BROWSER_PACKAGES),for the demo page's browser test)
 
 # The embedded default: prepares the pairs and plan stores if missing, trains, validates.
 TRAIN_ARGS ?=

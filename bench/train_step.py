@@ -34,7 +34,6 @@ from inputs import random_batch
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 

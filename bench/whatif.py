@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 from typing import Any, Iterator
 
 import measure  # noqa: F401  (puts the repo root on sys.path; import first)

@@ -43,9 +43,10 @@ def exit_on_user_error():
   try:
     yield
   except FapeError as e:
-    report = lambda: print(f"error: {e}", file=sys.stderr)  # once: no absl log line repeating it
+    message = str(e)
+    report = lambda: print(f"error: {message}", file=sys.stderr)  # once: no absl line repeats it
     for hook in on_failure:
-      hook(USAGE_EXIT_CODE, str(e), report)
+      hook(USAGE_EXIT_CODE, message, report)
     report()
     sys.exit(USAGE_EXIT_CODE)
   except Exception as e:  # noqa: BLE001 (re-raised: only the hooks see it here)

@@ -1,6 +1,5 @@
 """The sharded train step on 8 fake CPU devices (data x fsdp mesh), pretrained (frozen-base) mode."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
