@@ -5,7 +5,7 @@ r"""Ablations at an equal, fixed step budget over seeds: the full model against 
       --results=bench/results/ablation.json --out=ABLATION.md
   python -m fape_jax.ablate --config=configs/base.py:tiny --workdir=/tmp/abl \
       --variants=full,dense --seeds=0 --config.total_steps=20
-  python -m fape_jax.ablate --render_only     # ABLATION.md from bench/results/ablation.json
+  python -m fape_jax.ablate --render_only     # ABLATION.md (+ .html) from bench/results/...json
   python -m fape_jax.ablate --check           # exit 1 if ABLATION.md is out of date
 
 Variants (fape_jax.ablate_lib.VARIANTS): full, no_plans, no_text_router, no_spectral_router,
@@ -14,8 +14,9 @@ budget max_wall_minutes is forced off) in WORKDIR/<variant>/seed_<seed>, resumab
 is not retrained, one stopped early (--config.stop_after=N splits a long run over invocations,
 or a preemption) resumes from its checkpoints. --config.* overrides apply to all runs; --seeds sets
 config.seed per run. Prints the table (runs with unequal step counts are refused) and writes
-WORKDIR/ablation.json and WORKDIR/ablation.html; --results also writes the JSON there and --out
-renders it into Markdown (ABLATION.md).
+WORKDIR/ablation.json and WORKDIR/ablation.html (bar chart and tables); --results also writes
+the JSON there and --out renders it into Markdown (ABLATION.md) and the HTML page beside it
+(ABLATION.html; so does --render_only).
 Exit code: 0 every run trained, 1 some runs failed (each named on stderr; the table holds the
 others, and --results/--out are not written), 2 usage error (or every run failed).
 """
@@ -44,8 +45,8 @@ _RESULTS = flags.DEFINE_string("results", "", "Also write the ablation JSON here
                                "JSON to read (default bench/results/ablation.json).")
 _OUT = flags.DEFINE_string("out", "", "Render the JSON into this Markdown file (the repo's: "
                            "ABLATION.md; the default with --render_only/--check).")
-_RENDER_ONLY = flags.DEFINE_bool("render_only", False, "Only render --results into --out; no "
-                                 "training.")
+_RENDER_ONLY = flags.DEFINE_bool("render_only", False, "Only render --results into --out and its "
+                                 "HTML page beside it (.html); no training.")
 _CHECK = flags.DEFINE_bool("check", False, "Only check that --out is what --results renders to; "
                            "exit 1 if not.")
 _EXPECT_BACKEND = flags.DEFINE_enum("expect_backend", "any", backend.CHOICES, backend.FLAG_HELP)

@@ -14,7 +14,9 @@ records the steps it actually ran (its newest checkpoint), so one stopped early 
 preemption) is never mistaken for a finished one: the next invocation resumes it from its
 checkpoints, and a finished run whose result matches its config is not retrained. The summary
 refuses runs with unequal step counts. It is printed and saved as WORKDIR/ablation.json and
-WORKDIR/ablation.html; `publish` also writes the JSON and the Markdown table (ABLATION.md). A run
+WORKDIR/ablation.html (a bar chart of the mean gain per variant with the seeds' range, the
+per-task tables); `publish` also writes the JSON, the Markdown table (ABLATION.md) and the same
+page beside it (ABLATION.html, `html_path`). A run
 that fails (a `FapeError`: a non-finite loss, a refused resume) is named on stderr and in
 `result["failed"]` and the others still run and are tabulated (in a single process: several
 processes stop together at the first failure).
@@ -22,11 +24,9 @@ processes stop together at the first failure).
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
@@ -37,7 +37,8 @@ from etils import epath
 from fape_jax import distributed
 from fape_jax.distributed import say
 from fape_jax import errors
-from fape_jax import report as report_lib
+from fape_jax import report_html
+from fape_jax import report_lib
 from fape_jax import tasks as tasks_lib
 from fape_jax.errors import FapeError
 
@@ -196,7 +197,8 @@ def build_table(runs: Sequence[Mapping[str, Any]], total_steps: int) -> dict:
                  "mean": _mean(psnr.values()),
                  "gain": {t: _mean(g) for t, g in gains.items()},
                  "gain_spread": {t: _spread(g) for t, g in gains.items()},
-                 "mean_gain": _mean(seed_means), "mean_gain_spread": _spread(seed_means)})
+                 "mean_gain": _mean(seed_means), "mean_gain_spread": _spread(seed_means),
+                 "seed_mean_gains": seed_means})
   full = next((r for r in rows if r["variant"] == "full"), None)
   for r in rows:
     r["delta_vs_full"] = (r["mean_gain"] - full["mean_gain"]) if full else None
@@ -291,6 +293,19 @@ def render_markdown(result: Mapping[str, Any], source: str | None = None) -> str
   return "\n".join(lines)
 
 
+def render_html(result: Mapping[str, Any]) -> str:
+  """The ablation page (`report_lib.ablation_report`) from the JSON, recomputed from its raw runs
+  as the Markdown is."""
+  s = build_table(result["runs"], result["total_steps"])
+  s.update({k: result[k] for k in ("command", "machine", "date") if result.get(k)})
+  return report_lib.ablation_report(s, spread_note(s))
+
+
+def html_path(md_path: str | os.PathLike) -> epath.Path:
+  """Where the HTML page of a Markdown table goes: beside it, ABLATION.md -> ABLATION.html."""
+  return epath.Path(md_path).with_suffix(".html")
+
+
 def _cpu_model() -> str:
   try:
     for line in open("/proc/cpuinfo", encoding="utf-8"):
@@ -302,24 +317,11 @@ def _cpu_model() -> str:
   return platform.processor() or platform.machine()
 
 
-def _git_commit() -> str | None:
-  """HEAD, with '+dirty' when tracked files of the library or configs changed (best effort)."""
-  def git(*args):
-    return subprocess.run(["git", *args], cwd=os.fspath(REPO), capture_output=True, text=True,
-                          check=False, timeout=30).stdout.strip()
-  try:
-    head = git("rev-parse", "--short=12", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "fape_jax", "configs")
-  except (OSError, subprocess.SubprocessError):
-    return None
-  return (head + ("+dirty" if dirty else "")) if head else None
-
-
 def machine_info() -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   return {"cpu": _cpu_model(), "cores": os.cpu_count(), "backend": jax.default_backend(),
           "devices": jax.device_count(), "device_kind": jax.devices()[0].device_kind,
-          "processes": jax.process_count(), "commit": _git_commit()}
+          "processes": jax.process_count(), "commit": report_html.git_commit()}
 
 
 def run_ablation(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
@@ -363,8 +365,7 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     raise FapeError(f"[ablation] every run failed; the first: {failed[0]['variant']}/seed_"
                     f"{failed[0]['seed']}: {failed[0]['error']}")
   result = build_table(runs, int(config.total_steps))
-  result.update(command=command, machine=machine_info(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+  result.update(command=command, machine=machine_info(), date=report_html.now())
   if failed:
     result["failed"] = failed
   say(format_table(result))
@@ -374,9 +375,7 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   say(spread_note(result))
   if distributed.is_main_process():
     (workdir / "ablation.json").write_text(json.dumps(result, indent=2))
-    # The HTML states the budget the runs actually trained, not the configured one.
-    (workdir / "ablation.html").write_text(
-        report_lib.ablation_report({**result, "total_steps": result["steps"]}))
+    (workdir / "ablation.html").write_text(render_html(result))
     say(f"Wrote {workdir / 'ablation.json'} and {workdir / 'ablation.html'}.")
   if failed:
     print(f"error: {len(failed)} of {len(failed) + len(runs)} run(s) failed (exit code "
@@ -454,11 +453,14 @@ def _load(results_path: epath.Path) -> dict:
 
 
 def render_file(results_path: str | os.PathLike, md_path: str | os.PathLike) -> str:
-  """Renders the JSON at `results_path` into `md_path`; returns the text."""
+  """Renders the JSON at `results_path` into `md_path` and its page `html_path(md_path)`;
+  returns the Markdown."""
   results_path, md_path = epath.Path(results_path), epath.Path(md_path)
-  text = render_markdown(_load(results_path), _source(results_path, md_path))
+  result = _load(results_path)
+  text = render_markdown(result, _source(results_path, md_path))
   md_path.write_text(text)
-  say(f"Wrote {md_path}.")
+  html_path(md_path).write_text(render_html(result))
+  say(f"Wrote {md_path} and {html_path(md_path)}.")
   return text
 
 

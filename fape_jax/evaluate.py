@@ -51,6 +51,7 @@ def main(argv):
     backend.check(_EXPECT_BACKEND.value)
     distributed.enable_compilation_cache(_COMPILE_CACHE.value)
     from fape_jax import evaluate_lib  # pylint: disable=g-import-not-at-top
+    from fape_jax import report_html  # pylint: disable=g-import-not-at-top
     if not _WORKDIR.value or not _OUT.value:
       raise FapeError("--workdir (the training run) and --out (the report folder) are required.")
     data = evaluate_lib.parse_data_flag(_DATA.value)
@@ -58,7 +59,8 @@ def main(argv):
         _WORKDIR.value, _OUT.value, data=data, step=_CHECKPOINT.value, per_task=_PER_TASK.value,
         mixes=_MIXES.value, baselines=_BASELINES.value, num_samples=_SAMPLES.value,
         data_dir=_DATA_DIR.value, lpips_vgg16_path=_LPIPS_VGG.value,
-        lpips_lin_path=_LPIPS_LIN.value)
+        lpips_lin_path=_LPIPS_LIN.value,
+        command=report_html.command_line("fape_jax.evaluate"))
   sys.exit(evaluate_lib.exit_code(metrics))
 
 

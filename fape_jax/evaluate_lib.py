@@ -20,9 +20,11 @@ baseline of `fape_jax.baselines` for that task; the planner's task readout again
 mean per-layer routing weights. Super-resolution inputs stored smaller are upsampled bicubically
 to the ground truth's size first, as the executor receives them in training.
 
-Writes OUT/metrics.json and OUT/report.html (`fape_jax.report`) and returns the metrics. A set
-that fails (a benchmark folder with a corrupt image, an empty split) is named on stderr and in
-`metrics["failed"]`; the other sets are still evaluated and written (`exit_code(metrics)` is 1).
+Writes OUT/metrics.json and OUT/report.html (`fape_jax.report_lib`: with the run's training curves
+when it has a metrics.jsonl, and per task degraded | best classical | restored | clean images with
+a zoomed crop) and returns the metrics. A set that fails (a benchmark folder with a corrupt
+image, an empty split) is named on stderr and in `metrics["failed"]`; the other sets are still
+evaluated and written (`exit_code(metrics)` is 1).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from fape_jax import baselines as baselines_lib
 from fape_jax.distributed import say
 from fape_jax import errors
 from fape_jax import metrics as metrics_lib
-from fape_jax import report as report_lib
+from fape_jax import report_html
+from fape_jax import report_lib
 from fape_jax import restore_lib
 from fape_jax import tasks as tasks_lib
 from fape_jax.errors import FapeError
@@ -215,15 +218,17 @@ def evaluate_set(name: str, kind: str, records: Iterator[dict], restorer, *, sto
       out8 = np.round(res.image * 255.0).astype(np.uint8)
       stats.add(task, "input", _scores(deg8, clean8, lpips))
       stats.add(task, "restored", _scores(out8, clean8, lpips))
+      classical = {}
       if baselines and task in baselines_lib.BASELINES:
         for bname, fn in baselines_lib.BASELINES[task].items():
-          stats.add(task, bname, _scores(fn(deg8), clean8, lpips))
+          classical[bname] = fn(deg8)
+          stats.add(task, bname, _scores(classical[bname], clean8, lpips))
       stats.add_plan(task, plan.task)
       stats.add_routing(task, res.routing)
       shots = samples.setdefault(task, [])
       if len(shots) < num_samples:
         shots.append({"id": rec["id"], "plan": plan.text, "degraded": deg8, "restored": out8,
-                      "clean": clean8})
+                      "clean": clean8, "baselines": classical})
     buf.clear()
 
   for rec in records:
@@ -304,10 +309,11 @@ def evaluate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
              per_task: int = 0, mixes: bool = True, baselines: bool = True,
              num_samples: int = 2, data_dir: str | None = None,
              lpips_vgg16_path: str | None = None, lpips_lin_path: str | None = None,
-             restorer: restore_lib.Restorer | None = None) -> dict:
+             restorer: restore_lib.Restorer | None = None, command: str | None = None) -> dict:
   """Evaluates the run in `workdir`; writes OUT/metrics.json and OUT/report.html (see module doc).
 
-  `per_task` caps the images per task (per mix) in every set (0 = all).
+  `per_task` caps the images per task (per mix) in every set (0 = all). `command` (the CLI's
+  command line) is recorded with the commit and date in metrics.json and the report.
   """
   from fape_jax import train_data  # pylint: disable=g-import-not-at-top
   from fape_jax.data import pairs  # pylint: disable=g-import-not-at-top
@@ -367,12 +373,16 @@ def evaluate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
               "tile": restorer.tile, "overlap": restorer.overlap,
               "devices": [str(d) for d in restorer.mesh.devices.flat],
               "lpips": lpips is not None, "per_task": per_task,
-              "seconds": round(time.perf_counter() - t0, 2)},
+              "seconds": round(time.perf_counter() - t0, 2), "command": command,
+              "commit": report_html.git_commit(), "date": report_html.now()},
       "sets": sets,
       "failed": failed,
   }
   (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-  (out_dir / "report.html").write_text(report_lib.evaluation_report(metrics, samples))
+  # The run's training curves too, when it was trained here (metrics.jsonl beside checkpoints/).
+  (out_dir / "report.html").write_text(report_lib.evaluation_report(
+      metrics, samples, report_lib.read_metrics(workdir),
+      report_lib.read_json(epath.Path(workdir) / "validation.json")))
   say(f"Wrote {out_dir / 'metrics.json'} and {out_dir / 'report.html'}.")
   if failed:
     print(f"error: {len(failed)} of {len(jobs)} set(s) failed ({', '.join(failed)}; exit code "

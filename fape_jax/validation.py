@@ -1,7 +1,8 @@
 """Validation during training: PSNR (Y channel) per task on the validation split, degraded vs
-restored, written to `validation.json`, TensorBoard and stdout, plus sample grids, and the mean
-routing weights per task and adapted layer with their summary (`routing_summary`). Every process
-restores its own rows of each global batch; the PSNR and routing sums are gathered to process 0.
+restored, written to `validation.json`, TensorBoard and stdout, plus sample grids (each with a
+JSON sidecar naming its rows' task, id and plan), and the mean routing weights per task and
+adapted layer with their summary (`routing_summary`). Every process restores its own rows of each
+global batch; the PSNR and routing sums are gathered to process 0.
 
 validation.json:
   {"step": 1100,
@@ -81,7 +82,7 @@ def validate(state, eval_fn, data, config, batch_sharding, step: int, workdir: e
       sums[:, t] += (metrics_lib.psnr_y(degraded, clean), metrics_lib.psnr_y(out8, clean), 1)
       shots = samples.setdefault(tasks_lib.TASKS[t], [])
       if len(shots) < config.num_sample_images:
-        shots.append((degraded, out8, clean))
+        shots.append((degraded, out8, clean, str(host["id"][i])))
   if rsums is None:
     rsums = np.zeros((ntask, 0, 2), np.float64)
   sums, rsums = _sum_over_processes(sums, rsums)
@@ -102,7 +103,8 @@ def validate(state, eval_fn, data, config, batch_sharding, step: int, workdir: e
     log.scalars(step, flat, split="val")
     (workdir / "validation.json").write_text(json.dumps(
         {"step": step, "tasks": table, "routing": routing, "routing_summary": summary}, indent=2))
-    _write_sample_grid(workdir / "samples" / f"step_{step:07d}.png", samples, log, step)
+    _write_sample_grid(workdir / "samples" / f"step_{step:07d}.png", samples, log, step,
+                       data.plans)
     # The table on stdout; one line in the log (absl echoes INFO to stderr: no second table).
     logging.info("Validation at step %d: %s", step, json.dumps(flat))
     print(f"\nValidation at step {step} (PSNR on Y, dB)\n{format_psnr_table(table)}", flush=True)
@@ -209,10 +211,14 @@ def format_psnr_table(table: dict) -> str:
   return "\n".join(lines)
 
 
-def _write_sample_grid(path: epath.Path, samples: dict, log: run_log.RunLog, step: int) -> None:
-  """One row per sample: degraded | restored | clean, rows grouped by task."""
+def _write_sample_grid(path: epath.Path, samples: dict, log: run_log.RunLog, step: int,
+                       plans=None) -> None:
+  """One row per sample: degraded | restored | clean, rows grouped by task; beside it (same name,
+  .json) each row's task, id, plan text and image size, so that `fape_jax.report` can cut the
+  grid back into labelled images."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  rows = [np.concatenate(triple, axis=1) for shots in samples.values() for triple in shots]
+  shots = [(task, shot) for task, ss in samples.items() for shot in ss]
+  rows = [np.concatenate(shot[:3], axis=1) for _, shot in shots]
   if not rows:
     return
   width = max(r.shape[1] for r in rows)
@@ -220,5 +226,10 @@ def _write_sample_grid(path: epath.Path, samples: dict, log: run_log.RunLog, ste
   grid = np.concatenate(rows, axis=0)
   path.parent.mkdir(parents=True, exist_ok=True)
   Image.fromarray(grid).save(str(path))
+  plan = lambda i: plans.record(i)["text"] if plans is not None and i in plans else None
+  path.with_suffix(".json").write_text(json.dumps(
+      {"step": step, "columns": ["degraded", "restored", "clean"],
+       "rows": [{"task": task, "id": shot[3], "plan": plan(shot[3]),
+                 "height": int(shot[0].shape[0]), "width": int(shot[0].shape[1])}
+                for task, shot in shots]}, indent=2))
   log.image(step, "samples", grid)
-

@@ -135,8 +135,9 @@ def test_runner_trains_each_variant_and_seed_once_at_equal_budget(tmp_path):
   assert all(v in text for v in ablate_lib.VARIANTS) and "Δ vs full" in text and "-0.75" in text
   assert "equal budget of 3 steps" in text
   report = (tmp_path / "ablation.html").read_text()
-  assert "Δ vs full" in report and all(f"<td class=\"l\">{v}</td>" in report
-                                       for v in ablate_lib.VARIANTS)
+  assert "Δ mean vs full" in report and all(f"<td class=\"l\">{v}</td>" in report
+                                            for v in ablate_lib.VARIANTS)
+  assert 'alt="mean gain per variant"' in report  # the bar chart (tests/test_report.py)
 
   # A second run reuses every finished run, whatever the budget flags: nothing is trained again.
   cfg.stop_after = 1

@@ -12,6 +12,9 @@ import html.parser
 import io
 import json
 import os
+import re
+import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +31,7 @@ from fape_jax import metrics as metrics_lib
 from fape_jax import restore_lib
 from fape_jax import sharding as shard_lib
 from fape_jax import model_state
+from fape_jax import report_lib
 from fape_jax.data import degrade
 from fape_jax.errors import FapeError
 from fape_jax.models import lpips as lpips_lib
@@ -88,15 +92,23 @@ def restorer(run):
   return restore_lib.load_restorer(run, devices=jax.devices()[:2], batch=2)
 
 
+TINY_RUN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_run")
+COMMAND = "python -m fape_jax.evaluate --workdir=RUN --out=OUT"
+
+
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, run, restorer):
   bench = rain_folder(tmp_path_factory.mktemp("rain100l"))
   out = tmp_path_factory.mktemp("eval")
+  # The training log of a real tiny run (tests/test_report.py says which), as if this run had
+  # trained: the report draws the training curves from it.
+  for name in ("metrics.jsonl", "validation.json"):
+    shutil.copy(os.path.join(TINY_RUN, name), run / name)
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed), pytest.MonkeyPatch.context() as mp:
     mp.setattr(lpips_lib, "maybe_load_lpips", lambda vgg, lin: MeanAbsLPIPS())
     metrics = evaluate_lib.evaluate(run, out, data=[("rain100l", str(bench))], per_task=1,
-                                    num_samples=1, restorer=restorer)
+                                    num_samples=1, restorer=restorer, command=COMMAND)
   return metrics, out, printed.getvalue(), bench
 
 
@@ -200,9 +212,52 @@ def test_report_is_self_contained_html_with_every_task(evaluated):
   assert "Routing: " in text and "adapted layers" in text
 
 
+def test_report_has_provenance_curves_and_a_grid_per_task(evaluated):
+  metrics, out, _, _ = evaluated
+  text = (out / "report.html").read_text()
+  alts = re.findall(r'<img src="[^"]*" alt="([^"]*)"', text)
+  run = metrics["run"]
+  assert run["command"] == COMMAND and run["date"] and "commit" in run
+  for key, value in (("command", COMMAND), ("checkpoint step", "0"), ("date", run["date"])):
+    assert f"<dt>{key}</dt><dd>" in text and report_lib.esc(value) in text
+  assert "input PSNR (dB)" in text and "PSNR (dB)</th>" in text  # units in the headers
+  # The training curves of the run's metrics.jsonl, in the table of contents.
+  assert {"training scalars", "validation PSNR per task"} <= set(alts)
+  assert '<a href="#training">Training curves</a>' in text
+  # Per set and task: degraded | best classical | ours | clean (no baselines for the mixes),
+  # whole and cropped, with the plan; the identity executor changes nothing, and the caption
+  # says so instead of naming a difference.
+  for name, s in metrics["sets"].items():
+    for task in s["tasks"]:
+      mine = [a for a in alts if a.startswith(f"{name} {task} ")]
+      assert len(mine) == (6 if s["kind"] == "mixes" else 8), (name, task, mine)
+      assert f'<a href="#{report_lib.anchor(name, task)}">' in text
+  assert text.count("ours equals the degraded input here") == sum(
+      len(s["tasks"]) for s in metrics["sets"].values())
+  assert "best classical" in text and text.count('class="plan"') >= 7
+
+
+def test_report_screenshot(evaluated, tmp_path):
+  """The evaluate report as headless chromium renders it (/tmp/report_screenshot.png)."""
+  _, out, _, _ = evaluated
+  chromium = "/usr/bin/chromium"
+  if not os.path.exists(chromium):
+    pytest.skip(f"{chromium} is missing (make browser installs it)")
+  png = tmp_path / "report.png"
+  proc = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu",
+                         "--hide-scrollbars", f"--screenshot={png}", "--window-size=1280,2000",
+                         f"file://{out / 'report.html'}"], capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0 and png.exists(), proc.stderr[-2000:]
+  shot = np.asarray(Image.open(png).convert("RGB"))
+  assert shot.shape[:2] == (2000, 1280) and len(np.unique(shot.reshape(-1, 3), axis=0)) > 200
+  assert tuple(shot[10, 640]) == (0x1F, 0x4E, 0x79)  # the header band: the CSS applied
+  shutil.copy(png, "/tmp/report_screenshot.png")
+  print(f"screenshot: {png} (and /tmp/report_screenshot.png)")
+
+
 def report_id(name, task):
-  from fape_jax import report
-  return report.anchor(name, task)
+  return report_lib.anchor(name, task)
 
 
 def test_data_flag_is_checked(tmp_path):

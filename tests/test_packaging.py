@@ -23,7 +23,7 @@ EXTRAS = PROJECT["optional-dependencies"]
 SCRIPTS = {"fape-train": "fape_jax.train:cli", "fape-restore": "fape_jax.restore:cli",
            "fape-evaluate": "fape_jax.evaluate:cli", "fape-plan-cache": "fape_jax.plan_cache:cli",
            "fape-ablate": "fape_jax.ablate:cli", "fape-export": "fape_jax.export:cli",
-           "fape-demo": "fape_jax.demo:cli"}
+           "fape-report": "fape_jax.report:cli", "fape-demo": "fape_jax.demo:cli"}
 # Base dependencies that nothing imports, and why they are there.
 NOT_IMPORTED = {"scikit-learn": "two corpus photos ship inside it",
                 "pywavelets": "one corpus photo ships inside it"}

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 from etils import epath
+from PIL import Image
 
 from configs import base
 from fape_jax import checkpoint as ckpt_lib
@@ -75,7 +76,15 @@ def test_run_writes_checkpoints_logs_validation_and_samples(full_run):
              for r in saved["routing"].values())
   assert saved["routing_summary"]["layers"] == len(layers)
   assert isinstance(saved["routing_summary"]["premise_holds"], bool)
-  assert os.listdir(os.path.join(workdir, "samples")) == ["step_0000006.png"]
+  assert sorted(os.listdir(os.path.join(workdir, "samples"))) == ["step_0000006.json",
+                                                                   "step_0000006.png"]
+  # The grid's sidecar names each row (fape_jax.report cuts the grid back into labelled images).
+  side = json.loads(open(os.path.join(workdir, "samples", "step_0000006.json")).read())
+  grid = Image.open(os.path.join(workdir, "samples", "step_0000006.png"))
+  assert {r["task"] for r in side["rows"]} == set(TASKS) and side["step"] == 6
+  assert sum(r["height"] for r in side["rows"]) == grid.height
+  assert max(3 * r["width"] for r in side["rows"]) == grid.width
+  assert all(r["plan"].startswith("Task: ") and r["id"] for r in side["rows"])
   assert os.listdir(os.path.join(workdir, "tb"))
   assert json.loads(open(os.path.join(workdir, "config.json")).read())["variant"] == "tiny"
 

@@ -10,7 +10,8 @@ import pytest
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from fape_jax import report
+from fape_jax import report_figures
+from fape_jax import report_lib
 from fape_jax import validation
 
 SELF_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -72,14 +73,14 @@ def test_dense_model_has_an_empty_summary():
 
 def test_heatmap_renders_layers_by_tasks():
   r = routing(deraining=(0.9, 0.7, 0.2, 0.5), dehazing=(0.6, 0.2, 0.4, 0.5))
-  fig = report.routing_heatmap_figure(r, "t")
+  fig = report_figures.routing_heatmap_figure(r, "t")
   ax = fig.axes[0]
   assert ax.images[0].get_array().shape == (4, 2)  # layers x tasks
   assert [t.get_text() for t in ax.get_xticklabels()] == ["deraining (high)", "dehazing (low)"]
   assert len(fig.axes) == 2  # the colour bar
-  uri = report.figure_data_uri(fig)
+  uri = report_figures.figure_data_uri(fig)
   Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).verify()
-  section = report.routing_heatmap_section(r, "validation")
+  section = report_lib.routing_heatmap_section(r, "validation")
   assert section.count("data:image/png;base64,") == 1 and "attn1.q" in section
 
 
