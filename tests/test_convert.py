@@ -122,6 +122,17 @@ def test_pipeline_folder_fp16_variant_and_sharded(tmp_path, tiny):
     json.dump({"weight_map": {k: s for s, keys in shards.items() for k in keys}}, f)
   loaded = convert.module_state_dict(unet.from_diffusers(folder))
   assert all(np.array_equal(loaded[k], tensors[k]) for k in tensors)
+  # The fp16 variant, sharded, under diffusers' own names (as `save_pretrained(variant="fp16",
+  # max_shard_size=...)` writes them).
+  folder = write_folder(tmp_path / "sharded16", TINY_UNET, None)
+  shards16 = {f"diffusion_pytorch_model.fp16-0000{i + 1}-of-00002.safetensors": keys
+              for i, keys in enumerate(shards.values())}
+  for shard, keys in shards16.items():
+    save_file({k: half[k] for k in keys}, os.path.join(folder, shard))
+  with open(os.path.join(folder, "diffusion_pytorch_model.safetensors.index.fp16.json"), "w") as f:
+    json.dump({"weight_map": {k: s for s, keys in shards16.items() for k in keys}}, f)
+  loaded = convert.module_state_dict(unet.from_diffusers(folder))
+  assert all(np.array_equal(loaded[k], half[k].astype(np.float32)) for k in tensors)
 
 
 def test_missing_folder_config_and_weights(tmp_path):

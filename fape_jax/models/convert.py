@@ -294,7 +294,9 @@ def read_weights(folder: str) -> dict[str, np.ndarray]:
       (f"{WEIGHTS_NAME}.safetensors", _load_safetensors),
       (f"{WEIGHTS_NAME}.safetensors.index.json", _load_sharded),
       (f"{WEIGHTS_NAME}.fp16.safetensors", _load_safetensors),
-      (f"{WEIGHTS_NAME}.fp16.safetensors.index.json", _load_sharded),
+      # diffusers inserts the variant before the last suffix (`_add_variant`): the fp16 shards
+      # are `...fp16-00001-of-0000N.safetensors`, listed by `...safetensors.index.fp16.json`.
+      (f"{WEIGHTS_NAME}.safetensors.index.fp16.json", _load_sharded),
       (f"{WEIGHTS_NAME}.bin", _load_torch_bin),
       (f"{WEIGHTS_NAME}.fp16.bin", _load_torch_bin),
   ]
