@@ -135,6 +135,25 @@ def test_pipeline_folder_fp16_variant_and_sharded(tmp_path, tiny):
   assert all(np.array_equal(loaded[k], half[k].astype(np.float32)) for k in tensors)
 
 
+def test_hub_id_resolves_from_the_local_cache_only(tmp_path, tiny, monkeypatch):
+  import huggingface_hub
+  _, tensors = tiny
+  cache = tmp_path / "hub"
+  # The cache layout huggingface_hub writes: refs/main names the snapshot of the pipeline.
+  repo = cache / "models--someorg--tiny-pipe"
+  write_folder(repo / "snapshots" / "abc123" / "unet", TINY_UNET, tensors)
+  (repo / "refs").mkdir(parents=True)
+  (repo / "refs" / "main").write_text("abc123")
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+  monkeypatch.chdir(tmp_path)  # "someorg/tiny-pipe" is no local folder here
+  loaded = convert.module_state_dict(unet.from_diffusers("someorg/tiny-pipe"))
+  assert all(np.array_equal(loaded[k], tensors[k]) for k in tensors)
+  # Not cached: one error that says nothing is downloaded and how to fetch it; no network call.
+  with pytest.raises(FapeError, match=r"nothing is downloaded at run time.*huggingface-cli "
+                     r"download someorg/other"):
+    unet.from_diffusers("someorg/other")
+
+
 def test_missing_folder_config_and_weights(tmp_path):
   with pytest.raises(FapeError, match="does not exist"):
     unet.from_diffusers(tmp_path / "nope")

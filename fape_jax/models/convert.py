@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -244,9 +245,38 @@ def module_state_dict(module: nnx.Module, variables: Any = nnx.Param) -> dict[st
 # Reading diffusers folders.
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cached_hub_snapshot(path: str) -> str | None:
+  """The local snapshot folder of a Hugging Face hub id ("org/name"), or None if `path` is not one.
+
+  Only the local cache is read (`local_files_only`: HF_HOME / HF_HUB_CACHE), never the network:
+  a hub id that is not cached is a FapeError saying how to fetch it once.
+  """
+  if os.path.exists(path) or not _HUB_ID.match(path):
+    return None
+  try:
+    import huggingface_hub  # noqa: PLC0415  (comes with the [planner] extra's transformers)
+  except ImportError as e:
+    raise FapeError(f"{path!r} is not a local folder, and resolving it as a Hugging Face hub id "
+                    "needs huggingface_hub (pip install 'fape_jax[planner]').") from e
+  try:
+    return huggingface_hub.snapshot_download(path, local_files_only=True)
+  except Exception as e:  # noqa: BLE001  (LocalEntryNotFoundError and friends: not cached)
+    raise FapeError(
+        f"{path!r} is neither a local folder nor a Hugging Face hub id in the local cache "
+        f"({huggingface_hub.constants.HF_HUB_CACHE}); nothing is downloaded at run time. Fetch "
+        f"it once with `huggingface-cli download {path}` or pass a folder.") from e
+
+
 def resolve_model_folder(path: str | os.PathLike[str], subfolder: str) -> str:
-  """`path` itself when it holds config.json, else `path/subfolder` (a pipeline folder)."""
+  """`path` itself when it holds config.json, else `path/subfolder` (a pipeline folder).
+
+  `path` may also be a Hugging Face hub id that is in the local cache (`cached_hub_snapshot`).
+  """
   path = os.fspath(path)
+  path = cached_hub_snapshot(path) or path
   if not os.path.isdir(path):
     raise FapeError(f"diffusers model folder {path!r} does not exist (or is not a folder). Give a "
                     f"local folder with config.json and {WEIGHTS_NAME}.safetensors, or a "
