@@ -350,6 +350,7 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
         f"trains exactly config.total_steps={config.total_steps} steps (to split a long run over "
         "invocations, use --config.stop_after=N; the same command resumes).")
   runs, failed = [], []
+  bar = distributed.progress(desc="ablate", unit="run", total=len(seeds) * len(names))
   for seed in seeds:  # seed-major: an interrupted ablation leaves complete seeds behind
     for name in names:
       try:
@@ -360,7 +361,10 @@ def run_ablation(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
           raise  # the other processes may be inside a collective of this run: stop them all
         # One variant that fails (a non-finite loss, a refused resume) does not cost the others.
         failed.append({"variant": name, "seed": seed, "error": str(e)})
-        print(f"error: [ablation] {name}/seed_{seed}: {e}", file=sys.stderr)
+        with distributed.progress_write():
+          print(f"error: [ablation] {name}/seed_{seed}: {e}", file=sys.stderr)
+      bar.update(1)
+  bar.close()
   if failed and not runs:
     raise FapeError(f"[ablation] every run failed; the first: {failed[0]['variant']}/seed_"
                     f"{failed[0]['seed']}: {failed[0]['error']}")

@@ -248,6 +248,20 @@ def is_main_process() -> bool:
   return jax.process_index() == 0
 
 
+def progress(iterable=None, *, desc: str, unit: str = "it", total: int | None = None,
+             leave: bool = True, disable: bool = False):
+  """A tqdm bar with ETA on stderr, drawn on process 0 only (tqdm's defaults, as training's)."""
+  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm.tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True,
+                   disable=disable or not is_main_process())
+
+
+def progress_write():
+  """Context to print while bars are drawn: clears them, redraws them after."""
+  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm.tqdm.external_write_mode()
+
+
 def assert_same_across_processes(name: str, value: str | bytes | Mapping[str, Any], *,
                                  hint: str | None = None) -> None:
   """Raises FapeError on every process unless all processes hold the same `value`.

@@ -42,6 +42,7 @@ import numpy as np
 from etils import epath
 
 from fape_jax import baselines as baselines_lib
+from fape_jax import distributed
 from fape_jax.distributed import say
 from fape_jax import errors
 from fape_jax import metrics as metrics_lib
@@ -90,6 +91,11 @@ def select_records(source, per_task: int = 0) -> Iterator[dict]:
     if deg.shape[:2] != clean.shape[:2]:
       deg = _upsample_to(deg, *clean.shape[:2])
     yield {"id": rec["id"], "task": rec["task"], "degraded": deg, "clean": clean}
+
+
+def _total(source, per_task: int) -> int | None:
+  """How many records `select_records` yields, when known without reading them (for the ETA)."""
+  return None if per_task else len(source)
 
 
 class _StorePlan:
@@ -199,15 +205,17 @@ def _scores(out8: np.ndarray, clean8: np.ndarray, lpips: Callable | None) -> dic
 
 def evaluate_set(name: str, kind: str, records: Iterator[dict], restorer, *, store=None,
                  planner_name: str, lpips: Callable | None = None, baselines: bool = True,
-                 num_samples: int = 2, chunk: int = 16,
+                 num_samples: int = 2, chunk: int = 16, total: int | None = None,
                  ) -> tuple[dict, dict[str, list[dict]]]:
-  """Restores and scores one set; returns (summary, samples per task)."""
+  """Restores and scores one set; returns (summary, samples per task). `total` (the number of
+  records, when known) gives the progress bar its ETA."""
   stats = _SetStats(name, kind, planner_name)
   samples: dict[str, list[dict]] = {}
   buf: list[dict] = []
 
-  def flush():
+  def flush(bar):
     plans, tokens, mask = plans_for(buf, restorer, store)
+    rows: dict[str, list[tuple[np.ndarray, np.ndarray, dict]]] = {}  # task -> baseline inputs
     for i, (rec, plan) in enumerate(zip(buf, plans)):
       task, deg8, clean8 = rec["task"], rec["degraded"], rec["clean"]
       t0 = time.perf_counter()
@@ -220,23 +228,31 @@ def evaluate_set(name: str, kind: str, records: Iterator[dict], restorer, *, sto
       stats.add(task, "restored", _scores(out8, clean8, lpips))
       classical = {}
       if baselines and task in baselines_lib.BASELINES:
-        for bname, fn in baselines_lib.BASELINES[task].items():
-          classical[bname] = fn(deg8)
-          stats.add(task, bname, _scores(classical[bname], clean8, lpips))
+        rows.setdefault(task, []).append((deg8, clean8, classical))
       stats.add_plan(task, plan.task)
       stats.add_routing(task, res.routing)
       shots = samples.setdefault(task, [])
       if len(shots) < num_samples:
         shots.append({"id": rec["id"], "plan": plan.text, "degraded": deg8, "restored": out8,
                       "clean": clean8, "baselines": classical})
+      bar.update(1)
+    # The classical baselines per task and baseline over the chunk, each with its own bar (some
+    # are slow); the same scores, in the same order per task and method, as image by image.
+    for task, trows in rows.items():
+      for bname, fn in baselines_lib.BASELINES[task].items():
+        for deg8, clean8, classical in distributed.progress(
+            trows, desc=f"baseline {bname}", unit="img", leave=False):
+          classical[bname] = fn(deg8)
+          stats.add(task, bname, _scores(classical[bname], clean8, lpips))
     buf.clear()
 
-  for rec in records:
-    buf.append(rec)
-    if len(buf) == chunk:
-      flush()
-  if buf:
-    flush()
+  with distributed.progress(desc=f"evaluate {name}", unit="img", total=total) as bar:
+    for rec in records:
+      buf.append(rec)
+      if len(buf) == chunk:
+        flush(bar)
+    if buf:
+      flush(bar)
   if not stats.values:
     raise FapeError(f"Evaluation set {name!r} is empty.")
   return stats.summary(), samples
@@ -339,20 +355,22 @@ def evaluate(workdir: str | os.PathLike, out_dir: str | os.PathLike, *,
       ("validation", lambda: evaluate_set(
           "validation", "single", select_records(prepared.val, per_task), restorer, store=store,
           planner_name=store_planner or restorer.planner_kind, lpips=lpips, baselines=baselines,
-          num_samples=num_samples))]
+          num_samples=num_samples, total=_total(prepared.val, per_task)))]
   if mixes:
     def mixes_set():
       pairs.prepare_synthetic(config.data.data_dir, config.data)
       src = pairs.open_pairs(config.data.data_dir, pairs.SYNTHETIC, "mixes", config.data)
       return evaluate_set("mixes", "mixes", select_records(src, per_task), restorer, store=store,
                           planner_name=restorer.planner_kind, lpips=lpips, baselines=False,
-                          num_samples=num_samples)
+                          num_samples=num_samples, total=_total(src, per_task))
     jobs.append(("mixes", mixes_set))
+  def benchmark_set(name, folder):
+    src = _benchmark_source(config, name, folder)
+    return evaluate_set(name, "single", select_records(src, per_task), restorer,
+                        planner_name=restorer.planner_kind, lpips=lpips, baselines=baselines,
+                        num_samples=num_samples, total=_total(src, per_task))
   for name, folder in data:
-    jobs.append((name, lambda name=name, folder=folder: evaluate_set(
-        name, "single", select_records(_benchmark_source(config, name, folder), per_task),
-        restorer, planner_name=restorer.planner_kind, lpips=lpips, baselines=baselines,
-        num_samples=num_samples)))
+    jobs.append((name, lambda name=name, folder=folder: benchmark_set(name, folder)))
   failed = {}
   for name, job in jobs:  # one set that cannot be read does not cost the others
     try:

@@ -45,6 +45,7 @@ from etils import epath
 from flax import nnx
 
 from fape_jax import checkpoint as ckpt_lib
+from fape_jax import distributed
 from fape_jax import errors
 from fape_jax import sharding as shard_lib
 from fape_jax import tiling
@@ -485,6 +486,9 @@ def restore_paths(workdir: str | os.PathLike, input_path: str, output_path: str,
   if os.path.isdir(input_path):
     os.makedirs(output_path, exist_ok=True)
   report = RestoreReport([], {})
+  # A bar over the images of a folder (process 0, stderr); lines printed meanwhile clear it first.
+  bar = distributed.progress(desc="restore", unit="img", total=len(jobs),
+                             disable=not os.path.isdir(input_path))
   for job in jobs:
     try:
       image = images_lib.read_image(job.source)
@@ -496,10 +500,14 @@ def restore_paths(workdir: str | os.PathLike, input_path: str, output_path: str,
       with open(job.sidecar, "w", encoding="utf-8") as f:
         json.dump(sidecar(image_plan, result, meta), f, indent=2)
       report.done.append(job)
-      say(f"{job.source} -> {job.output} ({image_plan.task}, {result.tiles} tile(s))")
+      with distributed.progress_write():
+        say(f"{job.source} -> {job.output} ({image_plan.task}, {result.tiles} tile(s))")
     except (FapeError, OSError) as e:
       report.failed[job.source] = str(e)
-      print(f"error: {job.source}: {e}", file=sys.stderr)
+      with distributed.progress_write():
+        print(f"error: {job.source}: {e}", file=sys.stderr)
+    bar.update(1)
+  bar.close()
   if report.failed:
     print(f"error: {len(report.failed)} of {len(jobs)} image(s) failed (exit code "
           f"{EXIT_SOME_FAILED}); the others were written.", file=sys.stderr)

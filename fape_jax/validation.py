@@ -66,8 +66,11 @@ def validate(state, eval_fn, data, config, batch_sharding, step: int, workdir: e
   samples: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
   local = config.data.eval_batch_size // jax.process_count()
   batches = data.eval_batches(local, config.num_eval_images)
-  for host, restored, routed in restore_batches(state, eval_fn, batches, batch_sharding,
-                                                config.data_axes):
+  total = len(batches) if hasattr(batches, "__len__") else None
+  bar = distributed.progress(restore_batches(state, eval_fn, batches, batch_sharding,
+                                             config.data_axes),
+                             desc="validation", unit="batch", total=total, leave=False)
+  for host, restored, routed in bar:
     valid = np.flatnonzero(host["valid"])
     if rsums is None:
       layers = sorted(routed)  # the same on every process: the same model

@@ -329,3 +329,15 @@ def test_export_cli_writes_adapters_that_load_into_the_runs_executor(run, tmp_pa
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
   assert sorted(os.listdir(tmp_path)) == ["adapters.json", "adapters.safetensors"]
+
+
+def test_folder_restore_draws_a_progress_bar_on_stderr(formats, restorer, tmp_path, capfd):
+  src = tmp_path / "in"
+  src.mkdir()
+  for name in ("odd.png", "gray.png"):
+    (src / name).write_bytes((formats / name).read_bytes())
+  report = restore_lib.restore_paths(None, str(src), str(tmp_path / "out"), restorer=restorer)
+  assert report.exit_code == 0
+  out, err = capfd.readouterr()
+  assert "restore: 100%" in err and "2/2" in err  # tqdm's bar, with its count
+  assert "restore:" not in out and out.count(" -> ") == 2  # stdout keeps its lines only
