@@ -40,21 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from test_train import snapshot_files  # pylint: disable=wrong-import-order (helper shared with test_train)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # An absl log line ("I1201 12:00:00.000000 1234 file.py:12] ..."): a log, not the failure's message.
 LOG_LINE = re.compile(r"[IWEF]\d{4} [\d:.]+ +\d+ ([\w.]+):\d+\]")
-
-
-def _snapshot(root) -> dict:
-  """Every file under `root` with its bytes (what a failure must leave as it was)."""
-  out = {}
-  for dirpath, _, files in os.walk(root):
-    for name in files:
-      path = os.path.join(dirpath, name)
-      with open(path, "rb") as f:
-        out[os.path.relpath(path, root)] = f.read()
-  return out
 
 
 # --- a disk that fills during a checkpoint write --------------------------------------------------
@@ -80,7 +70,7 @@ def test_a_failed_checkpoint_write_keeps_the_earlier_checkpoints(tmp_path):
   directory = tmp_path / "checkpoints"
   ckpt = ckpt_lib.Checkpointer(directory, save_every=1, keep=3)
   ckpt.save(1, state(1), force=True)
-  before = _snapshot(directory / "1")
+  before = snapshot_files(directory / "1")
   with pytest.raises(FapeError) as e, _max_file_size(1 << 20):
     ckpt.save(2, state(2), force=True)
   message = str(e.value)
@@ -92,7 +82,7 @@ def test_a_failed_checkpoint_write_keeps_the_earlier_checkpoints(tmp_path):
   ckpt.close()
   # Step 2 never became a checkpoint; step 1 is byte for byte what it was and restores.
   ckpt = ckpt_lib.Checkpointer(directory, save_every=1, keep=3)
-  assert ckpt.all_steps() == [1] and _snapshot(directory / "1") == before
+  assert ckpt.all_steps() == [1] and snapshot_files(directory / "1") == before
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                         state(1))
   step, restored = ckpt.restore(target)
@@ -125,7 +115,7 @@ def test_a_corrupt_training_pair_fails_strictly_or_is_skipped_with_a_count(tmp_p
   from fape_jax.errors import FapeError  # pylint: disable=g-import-not-at-top
   assert base.get_config("tiny").data.skip_bad is False  # the default stays strict
   raw = _gopro_folder(tmp_path / "gopro")
-  inputs = _snapshot(raw)
+  inputs = snapshot_files(raw)
   bad = raw / "train" / "seq" / "blur" / "1.png"
   with pytest.raises(FapeError, match=rf"^Cannot read image {re.escape(str(bad))}: .* build with "
                                       r"skip_bad=True to skip such files\.$"):
@@ -141,7 +131,7 @@ def test_a_corrupt_training_pair_fails_strictly_or_is_skipped_with_a_count(tmp_p
   assert sorted(train[i]["id"] for i in range(len(train))) == ["gopro/train/train/seq/blur/0",
                                                                "gopro/train/train/seq/blur/2"]
   assert len(pairs.open_pairs(tmp_path / "data", "gopro", "test")) == 1
-  assert _snapshot(raw) == inputs  # the inputs are only read
+  assert snapshot_files(raw) == inputs  # the inputs are only read
 
 
 # --- a non-finite loss ----------------------------------------------------------------------------
@@ -244,7 +234,7 @@ def stale_run(tmp_path_factory):
 ])
 def test_a_failing_command_prints_one_line_and_exits_2(stale_run, module, args, message,
                                                         tmp_path):
-  before = _snapshot(stale_run)
+  before = snapshot_files(stale_run)
   fill = lambda s: s.format(run=stale_run, out=tmp_path / "out")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, like a laptop
   proc = subprocess.run([sys.executable, "-m", module, f"--workdir={stale_run}",
@@ -259,7 +249,7 @@ def test_a_failing_command_prints_one_line_and_exits_2(stale_run, module, args, 
   own = {f for f in os.listdir(os.path.join(REPO, "fape_jax")) if f.endswith(".py")}
   assert {log.group(1) for log in logs if log} <= own, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr and proc.stdout == ""
-  after = _snapshot(stale_run)
+  after = snapshot_files(stale_run)
   after.pop(".lock", None)  # the trainer's run lock (reused, not part of the run)
   assert after == before  # the run, its checkpoint and the input, untouched
   assert not os.path.exists(tmp_path / "out" / "photo.png")

@@ -132,14 +132,15 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(full_run, data_dir, tm
   assert "could not be restored" in caplog.text
 
 
-def _snapshot(workdir):
-  """Every file of a run directory with its bytes (what a refused resume must leave alone)."""
+def snapshot_files(root) -> dict:
+  """Every file under `root` with its bytes (what a refused resume or a failure must leave as it
+  was; tests/test_faults.py uses it too)."""
   out = {}
-  for root, _, files in os.walk(workdir):
+  for dirpath, _, files in os.walk(root):
     for name in files:
-      path = os.path.join(root, name)
+      path = os.path.join(dirpath, name)
       with open(path, "rb") as f:
-        out[os.path.relpath(path, workdir)] = f.read()
+        out[os.path.relpath(path, root)] = f.read()
   return out
 
 
@@ -148,12 +149,12 @@ def test_resume_with_another_model_is_refused_and_the_run_is_untouched(full_run,
   workdir, _ = full_run
   run = str(tmp_path / "run")
   shutil.copytree(workdir, run)
-  before = _snapshot(run)
+  before = snapshot_files(run)
   other = tiny_config(data_dir, **{"model.unet.block_out_channels": (32, 32)})
   changed = r"model\.unet\.block_out_channels \(\[16, 32\] -> \[32, 32\]\)"
   with pytest.raises(FapeError, match=changed):
     train_lib.train_and_evaluate(other, run)
-  after = _snapshot(run)
+  after = snapshot_files(run)
   after.pop(run_dir.LOCK_FILE, None)  # the lock file is (re)used, not part of the run
   before.pop(run_dir.LOCK_FILE, None)
   assert after == before
