@@ -249,11 +249,12 @@ def is_main_process() -> bool:
 
 
 def progress(iterable=None, *, desc: str, unit: str = "it", total: int | None = None,
-             leave: bool = True, disable: bool = False):
-  """A tqdm bar with ETA on stderr, drawn on process 0 only (tqdm's defaults, as training's)."""
+             initial: int = 0, leave: bool = True, disable: bool = False):
+  """A tqdm bar with ETA on stderr, drawn on process 0 only (tqdm's defaults); `initial`: a
+  resumed loop's starting count."""
   from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm.tqdm(iterable, total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True,
-                   disable=disable or not is_main_process())
+  return tqdm.tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, leave=leave,
+                   dynamic_ncols=True, disable=disable or not is_main_process())
 
 
 def progress_write():

@@ -134,7 +134,8 @@ def _train(config, workdir: epath.Path, changes: dict, cleanup: contextlib.ExitS
 
   preempt = ckpt_lib.PreemptionFlag()
   cleanup.callback(preempt.restore_handlers)
-  progress = cleanup.enter_context(contextlib.closing(_progress(start, config.total_steps)))
+  progress = cleanup.enter_context(contextlib.closing(
+      distributed.progress(desc="train", unit="step", total=config.total_steps, initial=start)))
   window, t_window, table = [], time.perf_counter(), {}
   step, last_eval = start, None
   while step < config.total_steps:
@@ -191,10 +192,3 @@ def _train(config, workdir: epath.Path, changes: dict, cleanup: contextlib.ExitS
                       "--workdir to resume.", preempt.signal_name, step, ckpt.directory)
       raise Preempted(PREEMPTED_EXIT.get(preempt.signal_name or "SIGTERM", 143))
   return table
-
-
-def _progress(start: int, total: int):
-  from tqdm import auto as tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm.tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not distributed.is_main_process())
-
