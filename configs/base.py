@@ -112,6 +112,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.crop = 48                  # training crop (same box on degraded and clean)
   c.data.batch_size = 8             # global batch (split over processes and devices)
   c.data.eval_batch_size = 8
+  # 'task': every global batch holds one task (tasks alternate, each cycle visits all); 'mixed':
+  # a plain shuffle. Mixed batches let the tasks' gradients cancel (README "Training objective").
+  c.data.batching = "mixed"
   c.data.skip_bad = False
   c.data.val_variants = 3           # degraded variants per validation image per task
   c.data.read_threads = 2

@@ -55,9 +55,13 @@ class TrainData:
 
   def train_iterator(self):
     d = self.config.data
+    batching = d.get("batching", "mixed")
+    if batching not in ("mixed", "task"):
+      raise FapeError(f"--config.data.batching={batching!r}: use 'mixed' or 'task'.")
     return pipeline.train_iterator(
         self.train, self.plans, crop=d.crop, batch_size=d.batch_size, seed=self.config.seed,
-        read_threads=d.read_threads, prefetch=d.prefetch)
+        read_threads=d.read_threads, prefetch=d.prefetch,
+        task_batches=batching == "task")
 
   def eval_batches(self, local_batch: int, limit: int = 0):
     source = self.val if not limit else _Head(self.val, limit)

@@ -275,3 +275,31 @@ def test_pipeline_over_a_built_store(tmp_path):
   e = next(iter(pipeline.eval_dataset(src, None, batch_size=2, process_index=0,
                                       process_count=1)))
   assert all(i.startswith("rain100l/test/input/") for i in e["id"])
+
+
+def test_task_batches_hold_one_task_cover_every_task_and_resume():
+  n_tasks, global_batch = len(TASKS), 4
+  src = FakeSource(n_tasks * 5)                      # 5 pairs per task (tasks cycle over ids)
+  kw = dict(crop=8, batch_size=global_batch, seed=3, task_batches=True)
+  n_batches = 3 * n_tasks
+  single = _take(pipeline.train_iterator(src, None, process_index=0, process_count=1, **kw),
+                 n_batches)
+  task_of = [TASKS[int(r) % n_tasks] for b in single for r in b["record"]]
+  per_batch = [set(task_of[i * global_batch:(i + 1) * global_batch]) for i in range(n_batches)]
+  assert all(len(s) == 1 for s in per_batch)          # one task per global batch
+  for c in range(3):                                  # each cycle of T batches visits all tasks
+    assert {next(iter(s)) for s in per_batch[c * n_tasks:(c + 1) * n_tasks]} == set(TASKS)
+  # A task's first pass covers its pairs once before any repeats (4 + 1 of its 5 pairs here).
+  first = [int(r) for b in single for r in b["record"] if int(r) % n_tasks == 0][:5]
+  assert sorted(first) == [i for i in range(len(src)) if i % n_tasks == 0]
+  # Two hosts split each one-task global batch; together they are the single-host stream.
+  hosts = [_take(pipeline.train_iterator(src, None, process_index=h, process_count=2, **kw),
+                 n_batches) for h in range(2)]
+  for b, h0, h1 in zip(single, *hosts):
+    assert sorted(np.concatenate([h0["record"], h1["record"]])) == sorted(b["record"])
+  # Resume mid-stream gives the same batches as the uninterrupted run.
+  it = pipeline.train_iterator(src, None, process_index=0, process_count=1, **kw)
+  _take(it, 5)
+  fresh = pipeline.train_iterator(src, None, process_index=0, process_count=1, **kw)
+  fresh.set_state(it.get_state())
+  _assert_batches_equal(_take(fresh, 4), single[5:9])

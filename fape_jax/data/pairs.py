@@ -53,8 +53,9 @@ def synthetic_config(config: Any = None) -> builders.SyntheticConfig:
 class PairsSource:
   """Random-access view of one split; decodes the text fields from bytes to str."""
 
-  def __init__(self, data_source, name: str, split: str, path: str):
+  def __init__(self, data_source, name: str, split: str, path: str, task_source=None):
     self._ds = data_source
+    self._task_source = task_source   # the same split with the images left undecoded
     self.name, self.split, self.path = name, split, path
 
   def __len__(self) -> int:
@@ -72,6 +73,15 @@ class PairsSource:
 
   def __getitems__(self, indices) -> list[dict]:
     return [self._decode(r) for r in self._ds.__getitems__([int(i) for i in indices])]
+
+  def tasks(self) -> list[str]:
+    """Every pair's task, without decoding images (for one-task batches)."""
+    src = self._task_source if self._task_source is not None else self._ds
+    out = []
+    for i in range(len(src)):
+      t = src[i]["task"]
+      out.append(t.decode("utf-8") if isinstance(t, bytes) else str(t))
+    return out
 
   def __repr__(self) -> str:
     return f"PairsSource({self.name}/{self.split}, {len(self)} pairs, {self.path})"
@@ -172,4 +182,6 @@ def open_pairs(data_dir: str | os.PathLike, name: str, split: str,
   splits = list(b.info.splits.keys())
   if split not in splits:
     raise FapeError(f"The {name} pairs store has no split {split!r}; it has {splits}.")
-  return PairsSource(b.as_data_source()[split], name, split, os.fspath(b.data_dir))
+  skip = {k: tfds.decode.SkipDecoding() for k in ("degraded", "clean")}
+  return PairsSource(b.as_data_source()[split], name, split, os.fspath(b.data_dir),
+                     task_source=b.as_data_source(decoders=skip)[split])

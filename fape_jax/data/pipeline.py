@@ -9,6 +9,12 @@ Training (`train_dataset` / `train_iterator`):
 Global batch b is the stream positions [b * batch_size, (b + 1) * batch_size): hosts hold
 disjoint interleaved parts of it and together cover every position once.
 
+With `task_batches=True` the shuffle is replaced by one-task batches (`TaskBatchOrder`): every
+global batch holds pairs of a single task, each cycle of T batches visits all T tasks once (in a
+shuffled order), and each task walks through its own reshuffled pairs. Mixed-task batches make the
+tasks' gradients cancel in one update; alternating one-task updates does not (README "Training
+objective" has the table).
+
 Batches are dicts of numpy arrays:
   degraded, clean  float32 NHWC in [-1, 1]
   task_id          int32 (fape_jax.tasks.TASK_ID; -1 for a mix)
@@ -116,10 +122,49 @@ def _train_example(k: int, r: int, *, source, plans, crop: int, seed: int, hflip
   return out
 
 
+class TaskBatchOrder:
+  """Stream position k -> pair index, in one-task global batches of `batch_size`.
+
+  Batch b belongs to cycle c = b // T and is the (b % T)-th task of that cycle's task permutation
+  (drawn from Generator([seed, c])); it takes that task's next `batch_size` pairs from the task's
+  own list, reshuffled every pass over it (Generator([seed, task, pass])). Pure in k, so resumes
+  and host slices need no state.
+  """
+
+  def __init__(self, tasks: list[str], batch_size: int, seed: int):
+    names = sorted(set(tasks))
+    self.by_task = [np.asarray([i for i, t in enumerate(tasks) if t == name]) for name in names]
+    self.batch_size, self.seed = batch_size, seed
+
+  @functools.lru_cache(maxsize=64)
+  def _cycle(self, c: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, c]).permutation(len(self.by_task))
+
+  @functools.lru_cache(maxsize=256)
+  def _pass(self, t: int, e: int) -> np.ndarray:
+    return self.by_task[t][np.random.default_rng([self.seed, t, e]).permutation(
+        len(self.by_task[t]))]
+
+  def __call__(self, k: int) -> int:
+    b, p = divmod(int(k), self.batch_size)
+    c, j = divmod(b, len(self.by_task))
+    t = int(self._cycle(c)[j])
+    e, m = divmod(c * self.batch_size + p, len(self.by_task[t]))
+    return int(self._pass(t, e)[m])
+
+
+def record_tasks(source) -> list[str]:
+  """The task of every pair of `source` (its `tasks()` when it has one: no image decoding)."""
+  if hasattr(source, "tasks"):
+    return list(source.tasks())
+  return [str(source[i]["task"]) for i in range(len(source))]
+
+
 def train_dataset(source, plans=None, *, crop: int, batch_size: int, seed: int = 0,
                   process_index: int | None = None, process_count: int | None = None,
                   num_epochs: int | None = None, hflip: bool = True, vflip: bool = False,
-                  read_threads: int = 2, prefetch: int = 2) -> grain.IterDataset:
+                  read_threads: int = 2, prefetch: int = 2,
+                  task_batches: bool = False) -> grain.IterDataset:
   """The training input pipeline for this host (see the module docstring).
 
   Args:
@@ -133,6 +178,7 @@ def train_dataset(source, plans=None, *, crop: int, batch_size: int, seed: int =
     hflip, vflip: random flips (vertical off by default: rain falls down, haze thickens upward).
     read_threads: threads reading and transforming examples.
     prefetch: batches prepared ahead by a background thread (0: none).
+    task_batches: one task per global batch (`TaskBatchOrder`) instead of a plain shuffle.
   """
   n = len(source)
   if n == 0:
@@ -145,7 +191,12 @@ def train_dataset(source, plans=None, *, crop: int, batch_size: int, seed: int =
     raise FapeError(f"Training crop must be >= 1, got {crop}.")
   if not 0 <= seed < 2 ** 32:
     raise FapeError(f"Data seed {seed} must lie in [0, 2**32).")
-  ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(num_epochs)
+  if task_batches:
+    # An epoch is still n stream positions; the order within it comes from TaskBatchOrder.
+    order = TaskBatchOrder(record_tasks(source), batch_size, seed)
+    ds = grain.MapDataset.range(n).repeat(num_epochs).map_with_index(lambda k, _: order(k))
+  else:
+    ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(num_epochs)
   ds = ds.map_with_index(functools.partial(
       _train_example, source=source, plans=plans, crop=crop, seed=seed, hflip=hflip,
       vflip=vflip))
