@@ -169,6 +169,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       name="adamw", lr=1e-4, b1=0.5, b2=0.999, weight_decay=0.0, schedule="cosine",
       warmup_steps=0))
   c.optim.clip_norm = 1.0
+  # True (needs data.batching='task'): one generator optimiser state per task, so a task's
+  # moments and Prodigy step size are not set by the others' gradients.
+  c.optim.per_task_state = False
   c.optim.d_warmup_steps = 100      # the adversarial term joins the generator loss after this
   c.optim.d_every = 2               # discriminator update ratio: once every N steps
 

@@ -33,6 +33,7 @@ from flax import nnx
 
 from fape_jax import distributed
 from fape_jax import sharding as shard_lib
+from fape_jax import tasks as tasks_lib
 from fape_jax.errors import FapeError
 from fape_jax.models import discriminator as disc_lib
 from fape_jax.models import executor as executor_lib
@@ -86,6 +87,16 @@ def _schedule(cfg, total_steps: int):
   if cfg.schedule == "constant":
     return optax.constant_schedule(cfg.lr)
   raise FapeError(f"config.optim.*.schedule={cfg.schedule!r}: use 'cosine' or 'constant'.")
+
+
+# `optim.per_task_state`: one generator optimiser state per task (and one for mixes), stacked on
+# a leading axis; each one-task batch updates only its task's moments and Prodigy step size.
+TASK_SLOTS = len(tasks_lib.TASKS) + 1
+
+
+def task_slot(task_id: jax.Array) -> jax.Array:
+  """The optimiser-state slot of a batch's task id (-1, a mix, gets the last slot)."""
+  return jnp.where(task_id < 0, TASK_SLOTS - 1, task_id)
 
 
 def make_optimizer(cfg, clip_norm: float, total_steps: int) -> optax.GradientTransformation:
@@ -149,9 +160,12 @@ def _init_state(config, models_out: list | None = None):
   d_tx = make_optimizer(config.optim.d, config.optim.clip_norm, config.total_steps)
   if models_out is not None:
     models_out.append(Models(gen_def, disc_def, gen_filter, disc_filter, g_tx, d_tx))
+  g_opt = g_tx.init(gparams)
+  if config.optim.get("per_task_state", False):
+    g_opt = jax.tree.map(lambda x: jnp.stack([x] * TASK_SLOTS), g_opt)
   return {
       "step": jnp.zeros((), jnp.int32),
-      "gen": {"params": gparams, "frozen": gfrozen, "opt": g_tx.init(gparams)},
+      "gen": {"params": gparams, "frozen": gfrozen, "opt": g_opt},
       "disc": {"params": dparams, "rest": drest, "opt": d_tx.init(dparams)},
   }
 

@@ -20,6 +20,7 @@ from flax import nnx
 from fape_jax import distributed
 from fape_jax import losses
 from fape_jax import sharding as shard_lib
+from fape_jax import model_state
 from fape_jax.model_state import Models
 from fape_jax.models import discriminator as disc_lib
 
@@ -76,7 +77,14 @@ def train_step(state, batch, lpips_state, *, models: Models, config, lpips_def):
 
   (_, (g_metrics, restored)), g_grads = jax.value_and_grad(g_loss_fn, has_aux=True)(
       state["gen"]["params"])
-  g_updates, g_opt = g_tx.update(g_grads, state["gen"]["opt"], state["gen"]["params"])
+  if config.optim.get("per_task_state", False):
+    # One-task batches (data.batching='task'): update only this task's optimiser state.
+    slot = model_state.task_slot(batch["task_id"][0])
+    own = jax.tree.map(lambda x: x[slot], state["gen"]["opt"])
+    g_updates, own = g_tx.update(g_grads, own, state["gen"]["params"])
+    g_opt = jax.tree.map(lambda x, y: x.at[slot].set(y), state["gen"]["opt"], own)
+  else:
+    g_updates, g_opt = g_tx.update(g_grads, state["gen"]["opt"], state["gen"]["params"])
   gparams = optax.apply_updates(state["gen"]["params"], g_updates)
 
   fake = jax.lax.stop_gradient(restored)

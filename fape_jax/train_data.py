@@ -58,6 +58,9 @@ class TrainData:
     batching = d.get("batching", "mixed")
     if batching not in ("mixed", "task"):
       raise FapeError(f"--config.data.batching={batching!r}: use 'mixed' or 'task'.")
+    if self.config.optim.get("per_task_state", False) and batching != "task":
+      raise FapeError("--config.optim.per_task_state=True keeps one optimiser state per task and "
+                      "needs one-task batches: add --config.data.batching=task.")
     return pipeline.train_iterator(
         self.train, self.plans, crop=d.crop, batch_size=d.batch_size, seed=self.config.seed,
         read_threads=d.read_threads, prefetch=d.prefetch,
