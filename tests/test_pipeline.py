@@ -303,3 +303,18 @@ def test_task_batches_hold_one_task_cover_every_task_and_resume():
   fresh = pipeline.train_iterator(src, None, process_index=0, process_count=1, **kw)
   fresh.set_state(it.get_state())
   _assert_batches_equal(_take(fresh, 4), single[5:9])
+
+
+def test_batching_config_is_checked():
+  from configs import base
+  from fape_jax import train_data
+  c = base.get_config("tiny")
+  c.data.batching = "by_task"
+  with pytest.raises(FapeError, match="data.batching='by_task': use 'mixed' or 'task'"):
+    train_data.TrainData(c, FakeSource(7), None, None).train_iterator()
+  c.data.batching, c.optim.per_task_state = "mixed", True
+  with pytest.raises(FapeError, match="needs one-task batches: add --config.data.batching=task"):
+    train_data.TrainData(c, FakeSource(7), None, None).train_iterator()
+  c.data.batching = "task"
+  b = next(train_data.TrainData(c, FakeSource(7), None, None).train_iterator())
+  assert len(set(b["task_id"].tolist())) == 1

@@ -11,6 +11,8 @@ from fape_jax import sharding as shard_lib
 from fape_jax import steps
 from fape_jax.models.paths import path_str
 
+TASK = 3  # the task of every row of the test batch
+
 
 @pytest.fixture(scope="module")
 def setup():
@@ -21,6 +23,7 @@ def setup():
   c.allow_random_base = True     # no pretrained weights in tests
   c.model.residual = False
   c.data.batch_size = 8
+  c.optim.per_task_state = True  # one optimiser state per task; the batch below is one task's
   mesh = shard_lib.make_mesh(c.mesh.axes, c.mesh.shape)
   state, shardings, models = model_state.create_state(c, mesh)
   bsh = shard_lib.batch_sharding(mesh, c.data_axes)
@@ -31,7 +34,7 @@ def setup():
   host = {"degraded": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
           "clean": rng.uniform(-1, 1, (8, 32, 32, 3)).astype(np.float32),
           "plan_tokens": rng.normal(size=(8, k, d)).astype(np.float32),
-          "plan_mask": mask, "task_id": np.arange(8, dtype=np.int32) % 7}
+          "plan_mask": mask, "task_id": np.full(8, TASK, np.int32)}
   batch = {key: jax.device_put(v, bsh) for key, v in host.items()}
   return c, mesh, state, step, batch
 
@@ -61,6 +64,7 @@ def test_partition_specs_of_named_parameters(setup):
 def test_one_step_runs_without_recompiling_and_keeps_the_base_frozen(setup):
   _, _, state, step, batch = setup
   frozen_before = jax.device_get(state["gen"]["frozen"])
+  opt_before = jax.device_get(state["gen"]["opt"])
   params_before = jax.device_get(state["gen"]["params"])
   state, metrics = step(state, batch)
   state, metrics = step(state, batch)  # compiled ahead of time: never traced again
@@ -74,6 +78,13 @@ def test_one_step_runs_without_recompiling_and_keeps_the_base_frozen(setup):
              zip(jax.tree.leaves(params_before), jax.tree.leaves(jax.device_get(
                  state["gen"]["params"])))]
   assert any(changed)
+  # Per-task optimiser state: only the batch's task's slot moved.
+  moved = np.zeros(model_state.TASK_SLOTS, bool)
+  for a, b in zip(jax.tree.leaves(opt_before), jax.tree.leaves(jax.device_get(
+      state["gen"]["opt"]))):
+    assert a.shape[0] == model_state.TASK_SLOTS
+    moved |= [not np.array_equal(a[i], b[i]) for i in range(model_state.TASK_SLOTS)]
+  assert moved.tolist() == [i == TASK for i in range(model_state.TASK_SLOTS)]
   # The state keeps its shardings through the donated step.
   assert state["gen"]["frozen"]["unet"]["conv_in"]["kernel"].get_value().sharding.spec == \
       P(None, None, None, "fsdp")
