@@ -309,6 +309,7 @@ def test_batching_config_is_checked():
   from configs import base
   from fape_jax import train_data
   c = base.get_config("tiny")
+  c.data.crop = 16
   c.data.batching = "by_task"
   with pytest.raises(FapeError, match="data.batching='by_task': use 'mixed' or 'task'"):
     train_data.TrainData(c, FakeSource(7), None, None).train_iterator()
