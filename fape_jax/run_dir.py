@@ -39,6 +39,10 @@ RESUMABLE = frozenset({
     "data.prefetch", "data.data_dir", "plans.store.path", "plans.progress",
     "plans.build_if_missing", "mesh.shape", "mesh.dry_run_devices", "logical_axis_rules",
 })
+# Resolved from the per-shard sizes for the devices of each invocation (`preflight`), so they may
+# change when those are set (the data position is kept in examples: `checkpoint`).
+PER_SHARD = {"data.batch_size": "data.batch_size_per_shard",
+             "data.eval_batch_size": "data.eval_batch_size_per_shard"}
 
 
 def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
@@ -70,7 +74,9 @@ def check_resume(workdir: epath.Path, config) -> dict[str, tuple[Any, Any]]:
     raise FapeError(f"{path} is not valid JSON ({e}); this run directory was not written by "
                     "fape_jax.train. Use another --workdir.") from None
   changes = config_changes(old, json.loads(_config_json(config)))
-  refused = {k: v for k, v in changes.items() if k not in RESUMABLE}
+  per_shard = {k for k, f in PER_SHARD.items()
+               if distributed.flatten_dotted(old).get(f) and config.data.get(f.split(".")[1])}
+  refused = {k: v for k, v in changes.items() if k not in RESUMABLE | per_shard}
   if refused:
     shown = ", ".join(f"{k} ({_short(a)} -> {_short(b)})"
                       for k, (a, b) in list(refused.items())[:6])

@@ -11,6 +11,7 @@ from typing import Any
 from etils import epath
 
 from fape_jax import distributed
+from fape_jax import preflight
 from fape_jax.distributed import say
 from fape_jax.data import pairs
 from fape_jax.data import pipeline
@@ -83,6 +84,8 @@ class _Head:
 def prepare_data(config) -> TrainData:
   """Builds what is missing (process 0), then opens the pairs and plan stores on every process."""
   d = config.data
+  # Process 0 builds the stores here and every process reads them: one folder seen by all hosts.
+  preflight.check_shared_dir(d.data_dir, "config.data.data_dir")
   if distributed.is_main_process():
     if d.name == "synthetic":
       say(f"Pairs store: synthetic seven-task pairs in {d.data_dir} (built on first use).")

@@ -25,6 +25,7 @@ from etils import epath
 from fape_jax import checkpoint as ckpt_lib
 from fape_jax import distributed
 from fape_jax import model_state
+from fape_jax import preflight
 from fape_jax import run_dir
 from fape_jax import run_log
 from fape_jax import sharding as shard_lib
@@ -98,9 +99,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Orbax wants absolute paths; cloud paths (gs://...) already are.
   workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
   distributed.assert_same_across_processes("config", config.to_json_best_effort(sort_keys=True))
+  # Before the first step, on every process: batches that fit this run's devices, and one workdir.
+  dp = preflight.data_parallel_size(config)
+  config = preflight.resolve_batches(config, dp)
   workdir.mkdir(parents=True, exist_ok=True)
+  preflight.check_shared_dir(workdir, "--workdir")
   with run_dir.RunLock(workdir), contextlib.ExitStack() as cleanup:
     changes = run_dir.check_resume(workdir, config)
+    preflight.check_batches(config, dp)
     return _train(config, workdir, changes, cleanup)
 
 
@@ -110,10 +116,6 @@ def _train(config, workdir: epath.Path, changes: dict, cleanup: contextlib.ExitS
   data = train_data.prepare_data(config)
   mesh = shard_lib.make_mesh(config.mesh.axes, config.mesh.shape)
   batch_sharding = shard_lib.batch_sharding(mesh, config.data_axes)
-  dp = shard_lib.data_parallel_size(mesh, config.data_axes)
-  if config.data.batch_size % dp:
-    raise FapeError(f"config.data.batch_size={config.data.batch_size} must be a multiple of the "
-                    f"data-parallel size {dp} (mesh {dict(mesh.shape)}).")
 
   train_iter = data.train_iterator()
   ckpt = cleanup.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
