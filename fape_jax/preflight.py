@@ -9,6 +9,8 @@ and a run directory (and data directory) that every host reads and writes as one
 - `check_batches`: the global train batch must split evenly over the data-parallel devices and the
   processes; the eval batch too, with at least one row per process (else the first validation,
   hours in, fails or reads no rows).
+- `check_url`: a `gs://` (or other fsspec URL) workdir needs its file-system package on every
+  process (the `cloud` extra), and the stores need a mounted file system.
 - `check_shared_dir`: process 0 writes a sentinel holding a fresh token into the directory, every
   process reads it back after a barrier; a host that sees another (or no) directory under the same
   path is named, before anything else is written there.
@@ -16,6 +18,7 @@ and a run directory (and data directory) that every host reads and writes as one
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import socket
 import uuid
@@ -81,6 +84,40 @@ def check_batches(config, dp: int, process_count: int | None = None) -> None:
         "global eval batch (each process takes an equal share of >= 1 row)"
     raise FapeError(f"config.data.{field}={size}: the {what} must be a positive multiple of "
                     f"{need}, since {where}; {fix}.")
+
+
+# What a URL scheme needs (fsspec implementations; tensorboardX writes gs:// with google-cloud-storage).
+_URL_PACKAGES = {"gs": ("gcsfs", "google.cloud.storage"), "gcs": ("gcsfs", "google.cloud.storage"),
+                 "s3": ("s3fs",)}
+
+
+def check_url(path, what: str, *, stores: bool = False) -> None:
+  """FapeError unless this process can use `path` (a local path always passes).
+
+  `stores`: the pairs and plan stores (ArrayRecord files, opened by local path), which need a
+  mounted file system rather than a URL.
+  """
+  path = str(path)
+  scheme, sep, _ = path.partition("://")
+  if not sep:
+    return
+  if stores:
+    raise FapeError(f"{what}={path}: the pairs and plan stores are ArrayRecord files read by "
+                    "local path; put them on a file system every host mounts (a shared disk, "
+                    "Filestore/NFS, or the bucket through GCS FUSE at the same path on every "
+                    "host).")
+  missing = [m for m in _URL_PACKAGES.get(scheme, ()) if not _importable(m)]
+  if missing:
+    raise FapeError(f"{what}={path} needs {', '.join(missing)}, not installed for this Python: "
+                    "pip install 'fape_jax[cloud]' on every host (the TPU launcher's venv "
+                    "too).")
+
+
+def _importable(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ModuleNotFoundError:  # a missing parent package (google.cloud)
+    return False
 
 
 def sentinel_text(token: str) -> str:

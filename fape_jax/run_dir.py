@@ -26,6 +26,7 @@ from typing import Any
 from etils import epath
 
 from fape_jax import distributed
+from fape_jax import run_log
 from fape_jax.errors import FapeError
 
 CONFIG_FILE = "config.json"
@@ -94,12 +95,12 @@ def record_config(workdir: epath.Path, config, changes: dict, step: int) -> None
   if changes:
     entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "step": step, "changed": {k: list(v) for k, v in changes.items()}}
-    with (workdir / RESUMES_FILE).open("a") as f:
-      f.write(json.dumps(entry, default=str) + "\n")
+    resumes = workdir / RESUMES_FILE
+    before = resumes.read_text() if resumes.exists() else ""
+    # Rewritten whole, not appended: object stores cannot append.
+    run_log.rewrite(resumes, before + json.dumps(entry, default=str) + "\n")
     logging.info("Resuming at step %d with changed %s", step, sorted(changes))
-  tmp = workdir / f"{CONFIG_FILE}.tmp"
-  tmp.write_text(_config_json(config))
-  tmp.replace(workdir / CONFIG_FILE)  # atomic: a reader never sees half a config
+  run_log.rewrite(workdir / CONFIG_FILE, _config_json(config))  # a reader never sees half of it
 
 
 class RunLock:

@@ -105,6 +105,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Before the first step, on every process: batches that fit this run's devices, and one workdir.
   dp = preflight.data_parallel_size(config)
   config = preflight.resolve_batches(config, dp)
+  preflight.check_url(workdir, "--workdir")
+  preflight.check_url(config.data.data_dir, "config.data.data_dir", stores=True)
+  preflight.check_url(config.plans.store.get("path", ""), "config.plans.store.path", stores=True)
   workdir.mkdir(parents=True, exist_ok=True)
   preflight.check_shared_dir(workdir, "--workdir")
   with run_dir.RunLock(workdir), contextlib.ExitStack() as cleanup:

@@ -130,8 +130,10 @@ def test_two_processes_resume_and_match_one_process(data_dir, tmp_path):
   shutil.copytree(two, elastic)
   second = _run([launcher, *common], env, "2 processes, resumed, steps 3-4",
                 tmp_path / "two_resumed.log")
-  assert re.search(r"\[0\] .*Resumed from .* at step 2\.", second), second[-4000:]
-  assert re.search(r"\[1\] .*Resumed from .* at step 2\.", second), second[-4000:]
+  assert re.search(r"\[0\] .*Resumed from .* at step 2 \(global example 8\)\.", second), \
+      second[-4000:]
+  assert re.search(r"\[1\] .*Resumed from .* at step 2 \(global example 8\)\.", second), \
+      second[-4000:]
   assert "local.sh: all 2 processes finished." in second
 
   # Both processes report the same metrics at every step (they are replicated arrays).

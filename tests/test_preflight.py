@@ -109,7 +109,8 @@ def test_a_host_that_sees_another_workdir_stops_every_process(tmp_path):
   outs = [p.communicate(timeout=120) for p in procs]
   assert [p.returncode for p in procs] == [2, 2], outs
   for out, err in outs:
-    assert "error: process 1 has a different view of --workdir" in err, err
+    # Its own error, or the other's through the fail-fast ("process 0 failed: ..."): both raise.
+    assert "process 1 has a different view of --workdir" in err, err
     assert "its .fape_shared_check, written by process 0 just now" in err
     assert "--workdir must be one directory shared by every host" in err
   assert (shared / preflight.SENTINEL).exists() and not other.exists()
@@ -141,3 +142,15 @@ def _worker(argv):
 
 if __name__ == "__main__":
   _worker(sys.argv[1:])
+
+
+def test_urls_need_their_file_system_package_and_stores_need_a_mount(monkeypatch):
+  preflight.check_url("/local/run", "--workdir")  # local paths always pass
+  with pytest.raises(FapeError, match=r"^config.data.data_dir=gs://b/data: the pairs and plan "
+                     r"stores are ArrayRecord files read by local path"):
+    preflight.check_url("gs://b/data", "config.data.data_dir", stores=True)
+  monkeypatch.setattr(preflight, "_importable", lambda module: module != "gcsfs")
+  with pytest.raises(FapeError) as e:
+    preflight.check_url("gs://b/run", "--workdir")
+  assert str(e.value) == ("--workdir=gs://b/run needs gcsfs, not installed for this Python: pip "
+                          "install 'fape_jax[cloud]' on every host (the TPU launcher's venv too).")
