@@ -149,7 +149,7 @@ if [[ -n "$EXPECT_BACKEND" ]]; then
 fi
 # Processes holding the TPU (a previous or hung run) and libtpu's stale lock file.
 stop="pids=\$(sudo lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | sort -u);"
-stop+=" if [ -n \"\$pids\" ]; then echo \"stopping TPU processes \$pids\"; sudo kill \$pids;"
+stop+=" if [ -n \"\$pids\" ]; then echo \"stopping TPU processes \$pids\"; sudo kill \$pids || true;"
 stop+=" sleep 5; sudo kill -9 \$pids 2>/dev/null || true; fi; sudo rm -f /tmp/libtpu_lockfile"
 if [[ "$CLEAR_STALE" == 1 ]]; then setup+=" && { $stop; }"; fi
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --worker=all "${gc[@]}" --command="$setup"
