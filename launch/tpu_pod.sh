@@ -10,6 +10,7 @@
 #     CONFIG=configs/base.py:sd21 DETACH=1 launch/tpu_pod.sh --config.init_from=/mnt/sd-turbo \
 #     --config.data.data_dir=/mnt/shared/data
 #
+# A gs:// WORKDIR: the workers' venv also gets the [cloud] extra (gcsfs, the GCS client).
 # Python: TPU VM images ship Python 3.10 and flax needs 3.11+. When the worker's python3 is older
 # than PYTHON_VERSION, the setup installs uv (`python3 -m pip install --user uv`, from PyPI) and
 # lets it install a standalone CPython PYTHON_VERSION (`uv python install`, python-build-standalone
@@ -143,6 +144,10 @@ setup+=" && py=\$(~/.local/bin/uv python find $want); fi"
 setup+="; if [ -x .venv/bin/python ] && ! .venv/bin/python -c \"$new_enough\"; then rm -rf .venv; fi"
 setup+="; make setup PYTHON=\"\$py\" && { .venv/bin/python -c 'import libtpu' 2>/dev/null"
 setup+=" || .venv/bin/python -m pip install $(printf '%q' "$TPU_JAX"); }"
+if [[ "$WORKDIR" == gs://* ]]; then  # gcsfs and the GCS client for the workdir: the [cloud] extra
+  setup+=" && { .venv/bin/python -c 'import gcsfs' 2>/dev/null"
+  setup+=" || .venv/bin/python -m pip install -e '.[cloud]'; }"
+fi
 # Then the jaxlib check (package metadata only; each process checks its devices on start-up).
 if [[ -n "$EXPECT_BACKEND" ]]; then
   setup+=" && .venv/bin/python -m fape_jax.backend $EXPECT_BACKEND"

@@ -93,6 +93,7 @@ def test_tpu_pod_reuses_the_slice_copies_tracked_files_and_runs_on_every_worker(
   assert "rm -rf .venv" in setup_cmd and 'make setup PYTHON="$py"' in setup_cmd
   assert "pip install jax\\[tpu\\]" in setup_cmd
   assert "python -m fape_jax.backend tpu" in setup_cmd  # installed?
+  assert "pip install -e '.[cloud]'" in setup_cmd  # a gs:// workdir needs gcsfs on every worker
   # Then a stale run is ended and libtpu's lock removed, before anything starts.
   assert setup_cmd.index("fape_jax.backend") < setup_cmd.index("sudo lsof -t /dev/accel*")
   assert setup_cmd.endswith("sudo rm -f /tmp/libtpu_lockfile; }")
