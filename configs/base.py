@@ -10,6 +10,10 @@
   --config=configs/base.py:sd21    SD-2.1/SD-Turbo-scale 512^2 latent executor, Qwen2.5-VL-7B plan
                                    tokens, the paper's hyper-parameters (needs local weights and
                                    accelerators; `--dry_run` checks memory and sharding without them).
+                                   Batches are per data-parallel shard: 1 row per device.
+  --config=configs/base.py:cluster_smoke  (or :cluster-smoke) the tiny model on the embedded data,
+                                   batches per shard (2 train, 1 eval rows per device), no wall
+                                   cap: a few minutes' rehearsal of a pod or cluster launch.
 Override anything with dotted flags, e.g. `--config.total_steps=50`.
 """
 
@@ -90,9 +94,10 @@ SD21_VAE = dict(
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  arg = arg or "base"
-  if arg not in ("base", "long", "tiny", "sd21"):
-    raise ValueError(f"Unknown config variant {arg!r}; choose base, long, tiny or sd21.")
+  arg = (arg or "base").replace("-", "_")
+  if arg not in ("base", "long", "tiny", "sd21", "cluster_smoke"):
+    raise ValueError(f"Unknown config variant {arg!r}; choose base, long, tiny, sd21 or "
+                     "cluster_smoke.")
   c = ml_collections.ConfigDict()
   c.variant = arg
   c.seed = 0
@@ -115,6 +120,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 'task': every global batch holds one task (tasks alternate, each cycle visits all); 'mixed':
   # a plain shuffle. Mixed batches let the tasks' gradients cancel (README "Training objective").
   c.data.batching = "mixed"
+  # >0: rows per data-parallel shard; the global sizes above are then this x the data-parallel
+  # size of the run's mesh, resolved at start-up (fape_jax/preflight.py), so one config fits any
+  # device count. 0: the global sizes as given.
+  c.data.batch_size_per_shard = 0
+  c.data.eval_batch_size_per_shard = 0
   c.data.skip_bad = False
   c.data.val_variants = 3           # degraded variants per validation image per task
   c.data.read_threads = 2
@@ -208,7 +218,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.max_wall_minutes = 0.0
     c.eval_every = 1000
     c.ckpt_every = 500
-  elif arg == "tiny":
+  elif arg in ("tiny", "cluster_smoke"):
     c.model.unet = ml_collections.ConfigDict(TINY_UNET)
     c.model.lora.ranks = (2, 2)
     c.disc.conv_widths = (8, 16)
@@ -230,6 +240,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_eval_images = 8
     c.ckpt_every = 3
     c.optim.d_warmup_steps = 2
+    if arg == "cluster_smoke":
+      c.data.batch_size_per_shard = 2
+      c.data.eval_batch_size_per_shard = 1
+      c.total_steps = 40
+      c.log_every = 5
+      c.ckpt_every = 10
+      c.eval_every = 40
+      c.num_eval_images = 32
   elif arg == "sd21":
     c.model.unet = ml_collections.ConfigDict(SD21_UNET)
     c.model.vae = ml_collections.ConfigDict(SD21_VAE)
@@ -239,7 +257,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train_base_unet = False
     c.init_from = ""                # set to a local diffusers SD-2.1 / SD-Turbo folder
     c.data.crop = 512
-    c.data.batch_size = 8
+    c.data.batch_size = 8           # on 8 devices; per shard below: 16 on a v5e-16 or 2 x 8 GPUs
+    c.data.batch_size_per_shard = 1
+    c.data.eval_batch_size_per_shard = 1
     c.data.train_max_side = 0       # real data: no resizing
     c.plans.update(job.plans_config("hf"))   # Qwen2.5-VL-7B plans, its 3584-d hidden states
     c.plans.dim = 3584

@@ -87,6 +87,29 @@ def check(expected: str | None) -> str | None:
   return got
 
 
+DEVICES_HELP = ("The number of devices (all processes together) this run must see; 0 (default) = "
+                "any. The launchers pass the slice's or allocation's count, so a host that did not "
+                "join or GPUs that are not visible stop the run before the first step.")
+
+
+def check_devices(expected: int | None) -> int | None:
+  """`jax.device_count()` when it is `expected` (0 or None: no check); FapeError when not."""
+  if not expected:
+    return None
+  if expected < 0:
+    raise FapeError(f"--expect_devices={expected}: give a positive device count, or 0 for any.")
+  import jax  # pylint: disable=g-import-not-at-top (after the process group is up)
+  got = jax.device_count()
+  if got != expected:
+    raise FapeError(
+        f"--expect_devices={expected}, but JAX sees {got} {jax.default_backend()} devices "
+        f"({jax.process_count()} processes, {jax.local_device_count()} on this one, process "
+        f"{jax.process_index()}): check that every host joined (the launcher's process count), "
+        "that each process sees its accelerators (CUDA_VISIBLE_DEVICES, SLURM's GPU binding, "
+        "a stale process holding the TPU), or pass the count this run really has.")
+  return got
+
+
 def main(argv: list[str]) -> int:
   """`python -m fape_jax.backend gpu|tpu`: exit 0 when that jaxlib is installed, else the one
   line saying what to install and exit 2 (cpu and any always pass)."""

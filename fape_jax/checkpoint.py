@@ -1,8 +1,11 @@
 """Orbax checkpoints of the train state together with the Grain iterator.
 
-One `ocp.CheckpointManager` in `WORKDIR/checkpoints` with two items: `state` (a pytree of arrays:
-trainable parameters, optimiser states, discriminator, step) and `data` (the Grain iterator,
-one JSON per process). Saves are atomic (Orbax writes to a temporary folder and renames it), happen
+One `ocp.CheckpointManager` in `WORKDIR/checkpoints` with three items: `state` (a pytree of
+arrays: trainable parameters, optimiser states, discriminator, step), `data` (the Grain iterator,
+one JSON per process: `process_{i}-of-{n}.json`) and `position` (one JSON: the global stream
+position reached, the process count and the global batch). On the same process count the Grain
+state restores the data exactly; on another (`restore_stream`) the stream is rebuilt from the
+position, which continues the same example order (`data/pipeline.py`). Saves are atomic (Orbax writes to a temporary folder and renames it), happen
 every `save_every` steps, on preemption (SIGTERM/SIGINT) and at the end; the last `keep` are kept.
 Restoring targets an abstract state whose leaves carry the *current* mesh's shardings, so a
 checkpoint written on 8 devices lands on 1 device or on a 2x2 mesh.
@@ -14,7 +17,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -29,6 +32,7 @@ from fape_jax.errors import FapeError
 # costs more (seconds of compiles per save) than it saves in writing. Only slices of at least this
 # size are written replica-parallel; smaller arrays are written whole by one replica.
 MIN_REPLICA_PARALLEL_SLICE_BYTES = 1 << 20
+POSITION = "position"
 
 
 def _register_array_handler() -> None:
@@ -76,7 +80,10 @@ class Checkpointer:
     """
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+      # A `train_data.TrainStream` (Grain's iterator and its global position) or a bare iterator.
+      items["data"] = grain.checkpoint.CheckpointSave(getattr(data_iter, "iterator", data_iter))
+      if hasattr(data_iter, "position"):
+        items["position"] = ocp.args.JsonSave(data_iter.position())
     try:
       saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
       self._manager.wait_until_finished()
@@ -99,16 +106,26 @@ class Checkpointer:
     none reads back, one FapeError says so. Returns (None, None) when the directory holds no
     checkpoint.
     """
+    def data_items(_):
+      if data_iter is None:
+        return {}, None
+      return {"data": grain.checkpoint.CheckpointRestore(data_iter)}, None
+
+    got, state, _ = self._restore_newest(abstract_state, step, data_items)
+    return got, state
+
+  def _restore_newest(self, abstract_state, step, data_items):
+    """`restore`'s loop: (step, state, extra) for the newest step that reads back, where
+    `data_items(step)` -> (items to restore with the state, *extra)."""
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     if step is not None and step not in self.all_steps():
       raise FapeError(f"No checkpoint for step {step} in {self.directory}; "
                       f"available steps: {self.all_steps() or 'none'}.")
     errors = []
     for s in steps:
-      items = {"state": ocp.args.StandardRestore(abstract_state)}
-      if data_iter is not None:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
       try:
+        data, *extra = data_items(s)
+        items = {"state": ocp.args.StandardRestore(abstract_state), **data}
         restored = self._manager.restore(s, args=ocp.args.Composite(**items))
       except Exception as e:  # noqa: BLE001 (any read failure means "this step is unusable")
         logging.info("Checkpoint step %d in %s could not be restored (%s).", s, self.directory,
@@ -120,13 +137,51 @@ class Checkpointer:
                         self.directory, _summary(e))
       if errors:
         logging.warning("Resumed from step %d instead of the newest step %d.", s, errors[0][0])
-      return s, restored["state"]
+      return s, restored["state"], tuple(extra)
     if errors:
       raise FapeError(
           f"None of the checkpoints in {self.directory} could be restored (steps "
           f"{[s for s, _ in errors]}); last error: {_summary(errors[-1][1])}. If the model "
           "config changed since they were written, use a new --workdir.")
-    return None, None
+    return None, None, None
+
+  def position(self, step: int) -> dict | None:
+    """The data position saved with `step` (None for checkpoints from before it was saved)."""
+    if not (self.directory / str(step) / POSITION).exists():
+      return None
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        **{POSITION: ocp.args.JsonRestore()}))
+    return dict(restored[POSITION])
+
+  def restore_stream(self, abstract_state: Any, make_stream: Callable[[int], Any]):
+    """Restores the newest readable step with its data stream: (step, state, stream).
+
+    `make_stream(start)` builds a `train_data.TrainStream` from global position `start`. Written
+    by as many processes as now: Grain's own state restores it exactly. Written by another number
+    of processes (whose per-process Grain files do not map onto these): the stream is rebuilt at
+    the saved global position, the same examples in the same order, split among these processes.
+    Returns (None, None, None) when the directory holds no checkpoint.
+    """
+    now = jax.process_count()
+
+    def data_items(step):
+      pos = self.position(step)
+      if pos is not None and int(pos["process_count"]) != now:
+        logging.warning(
+            "Checkpoint step %d was written by %d processes, this run has %d: the data stream "
+            "continues from global example %d (the same order; Grain's per-process state is not "
+            "used).", step, pos["process_count"], now, pos["examples"])
+        return {}, make_stream(int(pos["examples"])), pos
+      stream = make_stream(int(pos["start"]) if pos else 0)
+      return {"data": grain.checkpoint.CheckpointRestore(stream.iterator)}, stream, pos
+
+    got, state, extra = self._restore_newest(abstract_state, None, data_items)
+    if got is None:
+      return None, None, None
+    stream, pos = extra
+    # Older checkpoints hold no position: one global batch per step, as this run's.
+    stream.skip_to(int(pos["examples"]) if pos else got * stream.batch_size)
+    return got, state, stream
 
   def close(self):
     self._manager.close()

@@ -77,7 +77,8 @@ def initialize(coordinator_address: str | None = None,
                process_id: int | None = None,
                local_device_ids: Sequence[int] | None = None,
                *,
-               initialization_timeout: int = 300) -> Setup:
+               initialization_timeout: int = 300,
+               shutdown_timeout: int = 300) -> Setup:
   """Joins the process group described by the flags or the environment; safe to call twice.
 
   Must run before any JAX computation (including `jax.devices()`).
@@ -88,6 +89,8 @@ def initialize(coordinator_address: str | None = None,
     process_id: this process's index in [0, num_processes) (explicit flag).
     local_device_ids: devices this process drives; None lets the environment decide.
     initialization_timeout: seconds to wait for all processes to join.
+    shutdown_timeout: seconds a process that is done waits at exit for the others (jax's shutdown
+      barrier); longer for jobs whose processes do unequal independent work (the plan cache).
 
   Returns:
     The `Setup` that was used (the first one, when called again).
@@ -115,7 +118,8 @@ def initialize(coordinator_address: str | None = None,
     _wait_for_coordinator(setup, initialization_timeout)
   try:
     if setup.source == "tpu":
-      jax.distributed.initialize(initialization_timeout=initialization_timeout)
+      jax.distributed.initialize(initialization_timeout=initialization_timeout,
+                                 shutdown_timeout_seconds=shutdown_timeout)
     else:
       # Every value is resolved here, so jax's own detection is switched off: it would otherwise
       # replace local_device_ids=None ("all visible devices") by [SLURM_LOCALID].
@@ -124,7 +128,8 @@ def initialize(coordinator_address: str | None = None,
           local_device_ids=(list(setup.local_device_ids)
                             if setup.local_device_ids is not None else None),
           cluster_detection_method="deactivate",
-          initialization_timeout=initialization_timeout)
+          initialization_timeout=initialization_timeout,
+          shutdown_timeout_seconds=shutdown_timeout)
   except Exception as e:  # jax raises RuntimeError, ValueError or its runtime error type here.
     if "before any JAX" in str(e):
       raise FapeError(

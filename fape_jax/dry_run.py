@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fape_jax import preflight
 from fape_jax import sharding as shard_lib
 from fape_jax import steps
 from fape_jax.errors import FapeError
@@ -154,6 +155,7 @@ def dry_run(config) -> str:
   abstract, models = abstract_state(config)
   sh = state_shardings(abstract, mesh, config)
   dp = math.prod(mesh.shape[a] for a in config.data_axes if a in mesh.axis_names)
+  config = preflight.resolve_batches(config, dp)  # per-shard sizes for the dry run's devices
   if config.data.batch_size % dp:
     raise FapeError(f"config.data.batch_size={config.data.batch_size} must be a multiple of the "
                     f"data-parallel size {dp}.")

@@ -5,8 +5,10 @@ r"""Offline plan caching: plan and encode every degraded image of a pairs store.
       --config.pairs.data_dir=/data --config.planner.model=/models/Qwen2.5-VL-7B-Instruct
   python -m fape_jax.plan_cache --config=configs/plan_cache.py --shard_index=0 --num_shards=4
 
-Sharding: --shard_index/--num_shards, or the JAX process index/count when jax.distributed is
-initialised. Re-running with the same settings resumes (ids already in the store are skipped).
+Sharding: --shard_index/--num_shards, or else the process index/count: the job joins the process
+group as `train` does (`fape_jax.distributed`: SLURM's `srun -n N`, launch/local.sh's coordinator
+flags, launcher variables or a TPU pod), so N processes plan N disjoint shards. Re-running with the
+same settings resumes (ids already in the store are skipped).
 """
 
 import json
@@ -15,6 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from fape_jax import backend
+from fape_jax import distributed
 from fape_jax import errors
 
 # No default file: a default config is loaded (with its --config.KEY overrides) while the flags
@@ -29,11 +32,19 @@ _SUMMARY_JSON = flags.DEFINE_string("summary_json", None, "Also write the summar
 # JAX only shards the job here; the planner and encoder run in PyTorch (their own
 # --config.planner.device / --config.encoder.device: cuda fails when torch sees no GPU).
 _EXPECT_BACKEND = flags.DEFINE_enum("expect_backend", "any", backend.CHOICES, backend.FLAG_HELP)
+_SHUTDOWN_WAIT_S = 24 * 3600
+_COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
 def main(argv):
   del argv
   with errors.exit_on_user_error():
+    # Joined to learn this process's place (its shard); no collective runs after this. Shards
+    # take unequal time (an MLLM's answers differ in length): the first done waits for the last.
+    distributed.initialize(_COORD.value, _NPROC.value, _PID.value,
+                           shutdown_timeout=_SHUTDOWN_WAIT_S)
     backend.check(_EXPECT_BACKEND.value)
     from fape_jax.planning import job  # pylint: disable=g-import-not-at-top (after flag parsing)
     summary = job.run(_CONFIG.value, shard_index=_SHARD_INDEX.value, num_shards=_NUM_SHARDS.value)

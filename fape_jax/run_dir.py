@@ -26,6 +26,7 @@ from typing import Any
 from etils import epath
 
 from fape_jax import distributed
+from fape_jax import run_log
 from fape_jax.errors import FapeError
 
 CONFIG_FILE = "config.json"
@@ -39,6 +40,10 @@ RESUMABLE = frozenset({
     "data.prefetch", "data.data_dir", "plans.store.path", "plans.progress",
     "plans.build_if_missing", "mesh.shape", "mesh.dry_run_devices", "logical_axis_rules",
 })
+# Resolved from the per-shard sizes for the devices of each invocation (`preflight`), so they may
+# change when those are set (the data position is kept in examples: `checkpoint`).
+PER_SHARD = {"data.batch_size": "data.batch_size_per_shard",
+             "data.eval_batch_size": "data.eval_batch_size_per_shard"}
 
 
 def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
@@ -70,7 +75,9 @@ def check_resume(workdir: epath.Path, config) -> dict[str, tuple[Any, Any]]:
     raise FapeError(f"{path} is not valid JSON ({e}); this run directory was not written by "
                     "fape_jax.train. Use another --workdir.") from None
   changes = config_changes(old, json.loads(_config_json(config)))
-  refused = {k: v for k, v in changes.items() if k not in RESUMABLE}
+  per_shard = {k for k, f in PER_SHARD.items()
+               if distributed.flatten_dotted(old).get(f) and config.data.get(f.split(".")[1])}
+  refused = {k: v for k, v in changes.items() if k not in RESUMABLE | per_shard}
   if refused:
     shown = ", ".join(f"{k} ({_short(a)} -> {_short(b)})"
                       for k, (a, b) in list(refused.items())[:6])
@@ -88,12 +95,12 @@ def record_config(workdir: epath.Path, config, changes: dict, step: int) -> None
   if changes:
     entry = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "step": step, "changed": {k: list(v) for k, v in changes.items()}}
-    with (workdir / RESUMES_FILE).open("a") as f:
-      f.write(json.dumps(entry, default=str) + "\n")
+    resumes = workdir / RESUMES_FILE
+    before = resumes.read_text() if resumes.exists() else ""
+    # Rewritten whole, not appended: object stores cannot append.
+    run_log.rewrite(resumes, before + json.dumps(entry, default=str) + "\n")
     logging.info("Resuming at step %d with changed %s", step, sorted(changes))
-  tmp = workdir / f"{CONFIG_FILE}.tmp"
-  tmp.write_text(_config_json(config))
-  tmp.replace(workdir / CONFIG_FILE)  # atomic: a reader never sees half a config
+  run_log.rewrite(workdir / CONFIG_FILE, _config_json(config))  # a reader never sees half of it
 
 
 class RunLock:

@@ -27,6 +27,7 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False,
 _COMPILE_CACHE = flags.DEFINE_string("compilation_cache", distributed.COMPILATION_CACHE,
                                      distributed.COMPILATION_CACHE_HELP)
 _EXPECT_BACKEND = flags.DEFINE_enum("expect_backend", "any", backend.CHOICES, backend.FLAG_HELP)
+_EXPECT_DEVICES = flags.DEFINE_integer("expect_devices", 0, backend.DEVICES_HELP)
 _COORD = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "This process's index.")
@@ -37,6 +38,8 @@ def main(argv):
   with errors.exit_on_user_error():
     distributed.initialize(_COORD.value, _NPROC.value, _PID.value)
     backend.check(_EXPECT_BACKEND.value)
+    if not _DRY_RUN.value:  # a dry run sizes the config's mesh, whatever devices are here
+      backend.check_devices(_EXPECT_DEVICES.value)
     distributed.enable_compilation_cache(_COMPILE_CACHE.value)
     # pylint: disable=g-import-not-at-top (after distributed init)
     from fape_jax import dry_run

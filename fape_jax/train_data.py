@@ -11,6 +11,7 @@ from typing import Any
 from etils import epath
 
 from fape_jax import distributed
+from fape_jax import preflight
 from fape_jax.distributed import say
 from fape_jax.data import pairs
 from fape_jax.data import pipeline
@@ -53,7 +54,8 @@ class TrainData:
   val: Any
   plans: Any
 
-  def train_iterator(self):
+  def train_iterator(self, start: int = 0) -> "TrainStream":
+    """The training batches from global stream position `start` on (see `TrainStream`)."""
     d = self.config.data
     batching = d.get("batching", "mixed")
     if batching not in ("mixed", "task"):
@@ -61,14 +63,45 @@ class TrainData:
     if self.config.optim.get("per_task_state", False) and batching != "task":
       raise FapeError("--config.optim.per_task_state=True keeps one optimiser state per task and "
                       "needs one-task batches: add --config.data.batching=task.")
-    return pipeline.train_iterator(
+    it = pipeline.train_iterator(
         self.train, self.plans, crop=d.crop, batch_size=d.batch_size, seed=self.config.seed,
-        read_threads=d.read_threads, prefetch=d.prefetch,
+        read_threads=d.read_threads, prefetch=d.prefetch, start=start,
         task_batches=batching == "task")
+    return TrainStream(it, start, d.batch_size)
 
   def eval_batches(self, local_batch: int, limit: int = 0):
     source = self.val if not limit else _Head(self.val, limit)
     return pipeline.eval_dataset(source, self.plans, batch_size=local_batch, split="validation")
+
+
+class TrainStream:
+  """The training iterator and how far the run has read the global example stream.
+
+  `iterator` is Grain's (its state, saved per process, resumes it exactly on the same process
+  count); `position()` is the same place in process-count-free terms, saved beside it, from which
+  a run on another process count rebuilds the stream (`pipeline.train_dataset(start=...)`).
+  """
+
+  def __init__(self, iterator, start: int, batch_size: int):
+    self.iterator, self.start, self.batch_size = iterator, int(start), int(batch_size)
+    self.examples = int(start)  # global stream positions consumed so far
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self.iterator)
+    self.examples += self.batch_size
+    return batch
+
+  def skip_to(self, examples: int) -> None:
+    """Restored Grain state: the positions consumed before it (from the saved position)."""
+    self.examples = int(examples)
+
+  def position(self) -> dict:
+    import jax  # pylint: disable=g-import-not-at-top
+    return {"examples": self.examples, "start": self.start, "batch_size": self.batch_size,
+            "process_count": jax.process_count()}
 
 
 class _Head:
@@ -90,6 +123,8 @@ class _Head:
 def prepare_data(config) -> TrainData:
   """Builds what is missing (process 0), then opens the pairs and plan stores on every process."""
   d = config.data
+  # Process 0 builds the stores here and every process reads them: one folder seen by all hosts.
+  preflight.check_shared_dir(d.data_dir, "config.data.data_dir")
   if distributed.is_main_process():
     if d.name == "synthetic":
       say(f"Pairs store: synthetic seven-task pairs in {d.data_dir} (built on first use).")

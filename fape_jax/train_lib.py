@@ -25,6 +25,7 @@ from etils import epath
 from fape_jax import checkpoint as ckpt_lib
 from fape_jax import distributed
 from fape_jax import model_state
+from fape_jax import preflight
 from fape_jax import run_dir
 from fape_jax import run_log
 from fape_jax import sharding as shard_lib
@@ -35,10 +36,11 @@ from fape_jax.errors import FapeError
 from fape_jax.models import lpips as lpips_lib
 
 
-def initial_state(config, mesh, ckpt: ckpt_lib.Checkpointer, train_iter):
-  """(state, shardings, models, start step): where a run starts, first match wins.
+def initial_state(config, mesh, ckpt: ckpt_lib.Checkpointer, data: train_data.TrainData):
+  """(state, shardings, models, start step, train stream): where a run starts, first match wins.
 
-  1. this workdir's newest checkpoint (a resumed run; it also restores the data iterator);
+  1. this workdir's newest checkpoint (a resumed run; it also restores the data stream, on this
+     process count or another: `Checkpointer.restore_stream`);
   2. `config.init_from`: a local diffusers folder (base UNet/VAE) or exported adapters;
   3. scratch: the config's seed.
   The state is created (sharded, from the seed) in every case; a checkpoint view without the
@@ -59,10 +61,12 @@ def initial_state(config, mesh, ckpt: ckpt_lib.Checkpointer, train_iter):
   if config.init_from and not (resuming and config.init_from.endswith(".safetensors")):
     state = model_state.init_from_pretrained(state, shardings, config)
   if not resuming:
-    return state, shardings, models, 0
-  start, restored = ckpt.restore(model_state.restore_target(state, shardings, config), train_iter)
-  logging.info("Resumed from %s at step %d.", ckpt.directory, start)
-  return model_state.merge_restored(state, restored), shardings, models, int(start)
+    return state, shardings, models, 0, data.train_iterator()
+  start, restored, stream = ckpt.restore_stream(
+      model_state.restore_target(state, shardings, config), data.train_iterator)
+  logging.info("Resumed from %s at step %d (global example %d).", ckpt.directory, start,
+               stream.examples)
+  return model_state.merge_restored(state, restored), shardings, models, int(start), stream
 
 
 PREEMPTED_EXIT = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as a killed process
@@ -98,9 +102,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Orbax wants absolute paths; cloud paths (gs://...) already are.
   workdir = epath.Path(workdir if "://" in str(workdir) else os.path.abspath(workdir))
   distributed.assert_same_across_processes("config", config.to_json_best_effort(sort_keys=True))
+  # Before the first step, on every process: batches that fit this run's devices, and one workdir.
+  dp = preflight.data_parallel_size(config)
+  config = preflight.resolve_batches(config, dp)
+  preflight.check_url(workdir, "--workdir")
+  preflight.check_url(config.data.data_dir, "config.data.data_dir", stores=True)
+  preflight.check_url(config.plans.store.get("path", ""), "config.plans.store.path", stores=True)
   workdir.mkdir(parents=True, exist_ok=True)
+  preflight.check_shared_dir(workdir, "--workdir")
   with run_dir.RunLock(workdir), contextlib.ExitStack() as cleanup:
     changes = run_dir.check_resume(workdir, config)
+    preflight.check_batches(config, dp)
     return _train(config, workdir, changes, cleanup)
 
 
@@ -110,15 +122,10 @@ def _train(config, workdir: epath.Path, changes: dict, cleanup: contextlib.ExitS
   data = train_data.prepare_data(config)
   mesh = shard_lib.make_mesh(config.mesh.axes, config.mesh.shape)
   batch_sharding = shard_lib.batch_sharding(mesh, config.data_axes)
-  dp = shard_lib.data_parallel_size(mesh, config.data_axes)
-  if config.data.batch_size % dp:
-    raise FapeError(f"config.data.batch_size={config.data.batch_size} must be a multiple of the "
-                    f"data-parallel size {dp} (mesh {dict(mesh.shape)}).")
 
-  train_iter = data.train_iterator()
   ckpt = cleanup.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
       workdir / "checkpoints", save_every=config.ckpt_every, keep=config.keep_checkpoints)))
-  state, shardings, models, start = initial_state(config, mesh, ckpt, train_iter)
+  state, shardings, models, start, train_iter = initial_state(config, mesh, ckpt, data)
   run_dir.record_config(workdir, config, changes, start)  # restore/evaluate rebuild models from it
   last_saved = start if start else None
   lpips_model = lpips_lib.maybe_load_lpips(config.lpips.vgg16_path, config.lpips.lin_path)

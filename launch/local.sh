@@ -11,7 +11,9 @@
 # Settings (environment variables):
 #   NUM_PROCESSES        processes to start (default 2)
 #   DEVICES_PER_PROCESS  fake CPU devices per process (default 2)
-#   MODULE               the `python -m` module to run (default fape_jax.train)
+#   MODULE               the `python -m` module to run (default fape_jax.train); the
+#                        single-process tools (fape_jax.evaluate, restore, report, export, demo)
+#                        run as one process without the coordinator flags
 #   CONFIG               passed as --config=...; default configs/base.py for fape_jax.train,
 #                        configs/plan_cache.py for fape_jax.plan_cache, not passed otherwise
 #   WORKDIR              passed as --workdir=...; default runs/local for fape_jax.train, not
@@ -32,14 +34,20 @@ if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then usage; exit 0; fi
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
+requested_processes="${NUM_PROCESSES:-}"
 NUM_PROCESSES="${NUM_PROCESSES:-2}"
 DEVICES_PER_PROCESS="${DEVICES_PER_PROCESS:-2}"
 MODULE="${MODULE:-fape_jax.train}"
 PYTHON="${PYTHON:-.venv/bin/python}"
 KILL_GRACE_S="${KILL_GRACE_S:-10}"
+group=1  # 0: a single-process tool, which takes no coordinator flags
 case "$MODULE" in
   fape_jax.train) CONFIG="${CONFIG-configs/base.py}"; WORKDIR="${WORKDIR-runs/local}" ;;
   fape_jax.plan_cache) CONFIG="${CONFIG-configs/plan_cache.py}"; WORKDIR="${WORKDIR-}" ;;
+  fape_jax.evaluate | fape_jax.restore | fape_jax.report | fape_jax.export | fape_jax.demo)
+    [[ -z "$requested_processes" || "$requested_processes" == 1 ]] ||
+      die "$MODULE runs as a single process; NUM_PROCESSES=$requested_processes."
+    group=0; NUM_PROCESSES=1; CONFIG="${CONFIG-}"; WORKDIR="${WORKDIR-}" ;;
   *) CONFIG="${CONFIG-}"; WORKDIR="${WORKDIR-}" ;;
 esac
 
@@ -98,9 +106,12 @@ trap 'exit 143' TERM
 echo "local.sh: $NUM_PROCESSES x $DEVICES_PER_PROCESS CPU devices," \
   "coordinator 127.0.0.1:$COORDINATOR_PORT, python -m $MODULE ${args[*]-}" >&2
 for ((i = 0; i < NUM_PROCESSES; i++)); do
-  "$PYTHON" -m "$MODULE" ${args[@]+"${args[@]}"} \
-    "--coordinator_address=127.0.0.1:$COORDINATOR_PORT" "--num_processes=$NUM_PROCESSES" \
-    "--process_id=$i" \
+  coordinator=()
+  if ((group)); then
+    coordinator=("--coordinator_address=127.0.0.1:$COORDINATOR_PORT"
+      "--num_processes=$NUM_PROCESSES" "--process_id=$i")
+  fi
+  "$PYTHON" -m "$MODULE" ${args[@]+"${args[@]}"} ${coordinator[@]+"${coordinator[@]}"} \
     > >(awk -v p="[$i] " '{ print p $0; fflush() }') \
     2> >(awk -v p="[$i] " '{ print p $0; fflush() }' >&2) &
   pids+=("$!")

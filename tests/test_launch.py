@@ -21,7 +21,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
 SCRIPTS = ["local.sh", "tpu_pod.sh", "slurm_gpu.sbatch", "plan_cache_slurm.sbatch"]
 BASIC_TOOLS = ["bash", "env", "sed", "awk", "dirname", "git", "tar", "gzip", "mktemp", "rm", "cat",
-               "sleep"]
+               "sleep", "mkdir"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -71,11 +71,12 @@ def test_tpu_pod_reuses_the_slice_copies_tracked_files_and_runs_on_every_worker(
   proc = _run("tpu_pod.sh", tmp_path, TPU_ENV, "--config.total_steps=5", fakes=["gcloud"])
   assert proc.returncode == 0, proc.stderr
   calls = _calls(tmp_path)
-  assert [c[:4] for c in calls] == [["gcloud", "compute", "tpus", "tpu-vm"]] * 4
-  assert [c[4] for c in calls] == ["describe", "scp", "ssh", "ssh"]  # The slice existed.
+  assert [c[:4] for c in calls] == [["gcloud", "compute", "tpus", "tpu-vm"]] * 8
+  # The slice existed; its 4 hosts read from describe; the run is one ssh per worker.
+  assert [c[4] for c in calls] == ["describe", "describe", "scp", "ssh"] + ["ssh"] * 4
   for c in calls:
     assert "--zone=us-west4-a" in c and "--project=my-proj" in c
-  scp, setup, run = calls[1], calls[2], calls[3]
+  scp, setup, runs = calls[2], calls[3], calls[4:]
   assert scp[6] == "fape-test:fape_jax.tgz" and "--worker=all" in scp
   with tarfile.open(tmp_path / "gcloud.log.tgz") as tar:
     names = set(tar.getnames())
@@ -83,39 +84,66 @@ def test_tpu_pod_reuses_the_slice_copies_tracked_files_and_runs_on_every_worker(
                            check=True).stdout.split()
   assert {"Makefile", "requirements.txt", "launch/tpu_pod.sh"} <= names
   assert names <= set(tracked)  # Tracked files only: no .venv, runs or stray files.
-  assert "--worker=all" in setup and "--worker=all" in run
+  assert "--worker=all" in setup
   setup_cmd = _flag(setup, "--command")
-  assert "tar -xzf ~/fape_jax.tgz -C ~/fape_jax" in setup_cmd and "make setup" in setup_cmd
+  assert "tar -xzf ~/fape_jax.tgz -C ~/fape_jax" in setup_cmd
+  # Python 3.10 on the image: uv installs a 3.11 CPython, make setup builds .venv from it.
+  assert ("python3 -m pip install --user --quiet uv && ~/.local/bin/uv python install 3.11 && "
+          "py=$(~/.local/bin/uv python find 3.11)") in setup_cmd
+  assert "rm -rf .venv" in setup_cmd and 'make setup PYTHON="$py"' in setup_cmd
   assert "pip install jax\\[tpu\\]" in setup_cmd
-  assert setup_cmd.endswith(" && .venv/bin/python -m fape_jax.backend tpu")  # installed?
-  run_cmd = _flag(run, "--command")
-  assert run_cmd == ("cd ~/fape_jax && .venv/bin/python -m fape_jax.train "
-                     "--config=configs/base.py:tiny --workdir=gs://bucket/run1 "
-                     "--expect_backend=tpu --config.total_steps=5 ")
-  assert "coordinator" not in run_cmd  # jax detects the pod.
+  assert "python -m fape_jax.backend tpu" in setup_cmd  # installed?
+  assert "pip install -e '.[cloud]'" in setup_cmd  # a gs:// workdir needs gcsfs on every worker
+  # Then a stale run is ended and libtpu's lock removed, before anything starts.
+  assert setup_cmd.index("fape_jax.backend") < setup_cmd.index("sudo lsof -t /dev/accel*")
+  assert setup_cmd.endswith("sudo rm -f /tmp/libtpu_lockfile; }")
+  assert sorted(_flag(c, "--worker") for c in runs) == ["0", "1", "2", "3"]
+  for c in runs:
+    assert _flag(c, "--command") == (
+        "cd ~/fape_jax && .venv/bin/python -m fape_jax.train --config=configs/base.py:tiny "
+        "--workdir=gs://bucket/run1 --expect_backend=tpu --expect_devices=16 "
+        "--config.total_steps=5 ")
+  assert "coordinator" not in _flag(runs[0], "--command")  # jax detects the pod.
+  assert sorted(os.listdir(tmp_path / "logs" / "fape-test")) == [
+      f"worker-{w}.log" for w in range(4)]
 
 
 def test_tpu_pod_creates_a_missing_slice_and_can_detach(tmp_path):
-  env = dict(TPU_ENV, FAKE_DESCRIBE_RC="1", CREATE_ARGS="--spot", DETACH="1")
+  env = dict(TPU_ENV, FAKE_DESCRIBE_RC="1", CREATE_ARGS="--spot", DETACH="1",
+             ACCELERATOR_TYPE="v4-16", FAKE_ENDPOINTS="10.0.0.1;10.0.0.2")
   del env["PROJECT"]
   proc = _run("tpu_pod.sh", tmp_path, env, fakes=["gcloud"])
   assert proc.returncode == 0, proc.stderr
   calls = _calls(tmp_path)
-  assert [c[4] for c in calls] == ["describe", "create", "scp", "ssh", "ssh"]
-  assert calls[1][5:] == ["fape-test", "--zone=us-west4-a", "--accelerator-type=v5litepod-16",
+  assert [c[4] for c in calls] == ["describe", "create", "describe", "scp", "ssh", "ssh", "ssh"]
+  assert calls[1][5:] == ["fape-test", "--zone=us-west4-a", "--accelerator-type=v4-16",
                           "--version=v2-alpha-tpuv5-lite", "--spot"]
   assert all(not a.startswith("--project") for c in calls for a in c)
-  assert _flag(calls[4], "--command") == (
-      "cd ~/fape_jax && nohup .venv/bin/python -m fape_jax.train --config=configs/base.py:tiny "
-      "--workdir=gs://bucket/run1 --expect_backend=tpu  > train.log 2>&1 < /dev/null &")
+  run = {_flag(c, "--worker"): _flag(c, "--command") for c in calls[5:]}
+  assert run["1"] == (
+      "cd ~/fape_jax && mkdir -p logs && nohup .venv/bin/python -m fape_jax.train "
+      "--config=configs/base.py:tiny --workdir=gs://bucket/run1 --expect_backend=tpu "
+      "--expect_devices=8  > logs/worker-1.log 2>&1 < /dev/null &")  # v4-16: 8 chips
+
+
+def test_tpu_pod_stops_every_worker_when_one_fails(tmp_path):
+  proc = _run("tpu_pod.sh", tmp_path, dict(TPU_ENV, FAKE_FAIL_WORKER="2"), fakes=["gcloud"])
+  assert proc.returncode == 3
+  assert "tpu_pod.sh: worker 2 exited with status 3 (see logs/fape-test/worker-2.log)" in \
+      proc.stderr
+  assert (tmp_path / "logs" / "fape-test" / "worker-2.log").read_text() == "worker failed\n"
+  last = _calls(tmp_path)[-1]
+  assert last[4] == "ssh" and "--worker=all" in last
+  assert _flag(last, "--command").startswith("pids=$(sudo lsof -t /dev/accel*")
 
 
 def test_tpu_pod_without_a_backend_expectation_passes_no_flag(tmp_path):
-  proc = _run("tpu_pod.sh", tmp_path, dict(TPU_ENV, EXPECT_BACKEND=""), fakes=["gcloud"])
+  proc = _run("tpu_pod.sh", tmp_path, dict(TPU_ENV, EXPECT_BACKEND="", EXPECT_DEVICES=""),
+              fakes=["gcloud"])
   assert proc.returncode == 0, proc.stderr
-  setup, run = _calls(tmp_path)[2:]
+  setup, run = _calls(tmp_path)[3:5]
   assert "fape_jax.backend" not in _flag(setup, "--command")
-  assert "expect_backend" not in _flag(run, "--command")
+  assert "expect_" not in _flag(run, "--command")
   proc = _run("tpu_pod.sh", tmp_path, dict(TPU_ENV, EXPECT_BACKEND="npu"), fakes=["gcloud"])
   assert proc.returncode == 2 and "EXPECT_BACKEND=npu must be any, cpu, gpu, tpu" in proc.stderr
 
@@ -123,7 +151,7 @@ def test_tpu_pod_without_a_backend_expectation_passes_no_flag(tmp_path):
 # --- slurm_gpu.sbatch ---------------------------------------------------------------------------
 
 SLURM_ENV = {"SLURM_JOB_ID": "42", "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NUM_NODES": "2",
-             "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "8", "PYTHON": sys.executable}
+             "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_ON_NODE": "64", "PYTHON": sys.executable}
 
 
 def _with_cuda_jaxlib(tmp_path, env):
@@ -134,11 +162,13 @@ def _with_cuda_jaxlib(tmp_path, env):
   return dict(env, PYTHONPATH=str(tmp_path / "site"))
 
 
-def test_slurm_gpu_header_is_two_nodes_of_eight_gpus_one_process_each():
+def test_slurm_gpu_header_is_two_nodes_of_eight_gpus_bound_per_node():
   header = [l for l in (LAUNCH / "slurm_gpu.sbatch").read_text().splitlines()
             if l.startswith("#SBATCH")]
-  for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-task=1"):
+  for line in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--requeue",
+               "--signal=TERM@300"):
     assert f"#SBATCH {line}" in header
+  assert not any("--gpus-per-task" in l for l in header)  # cgroups would hide the node's GPUs
 
 
 def test_slurm_gpu_fails_fast_without_srun_or_outside_a_job(tmp_path):
@@ -151,18 +181,35 @@ def test_slurm_gpu_fails_fast_without_srun_or_outside_a_job(tmp_path):
 
 
 @pytest.mark.parametrize("per_node, expected", [
-    (None, ["--ntasks-per-node=8", "--gpus-per-task=1", "--cpus-per-task=8"]),  # one per GPU
-    ("1", ["--ntasks-per-node=1", "--gpus-per-task=8", "--cpus-per-task=64"]),  # one per node
+    (None, ["--ntasks=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--cpus-per-task=64"]),
+    ("8", ["--ntasks=16", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=8"]),
 ])
 def test_slurm_gpu_runs_train_with_srun(tmp_path, per_node, expected):
-  env = dict(SLURM_ENV, **({"PROCESSES_PER_NODE": per_node} if per_node else {}))
+  env = dict(SLURM_ENV, LOG_DIR=str(tmp_path / "logs"),
+             **({"PROCESSES_PER_NODE": per_node} if per_node else {}))
   proc = _run("slurm_gpu.sbatch", tmp_path, _with_cuda_jaxlib(tmp_path, env),
               "--config.total_steps=5", fakes=["srun"])
   assert proc.returncode == 0, proc.stderr
   (call,) = _calls(tmp_path)
-  assert call == ["srun", "--kill-on-bad-exit=1", *expected, sys.executable, "-m",
-                  "fape_jax.train", "--config=configs/base.py", "--workdir=runs/slurm-42",
-                  "--expect_backend=gpu", "--config.total_steps=5"]
+  assert call == ["srun", "--kill-on-bad-exit=1", *expected,
+                  f"--output={tmp_path}/logs/task-%t.log", sys.executable, "-m",
+                  "fape_jax.train", "--config=configs/base.py:cluster_smoke",
+                  "--workdir=runs/fape-train", "--expect_backend=gpu", "--expect_devices=16",
+                  "--config.total_steps=5"]
+  assert (tmp_path / "logs").is_dir()
+  assert "XLA_FLAGS=--xla_gpu_enable_latency_hiding_scheduler=true" in proc.stderr
+
+
+def test_slurm_gpu_requeues_after_a_time_limit_checkpoint(tmp_path):
+  env = _with_cuda_jaxlib(tmp_path, dict(SLURM_ENV, FAKE_SRUN_RC="143",
+                                         LOG_DIR=str(tmp_path / "logs")))
+  proc = _run("slurm_gpu.sbatch", tmp_path, env, fakes=["srun", "scontrol"])
+  assert proc.returncode == 143
+  assert ["scontrol", "requeue", "42"] in _calls(tmp_path)
+  assert "requeueing job 42 to resume from runs/fape-train" in proc.stderr
+  (tmp_path / "scontrol.log").unlink()
+  proc = _run("slurm_gpu.sbatch", tmp_path, dict(env, FAKE_SRUN_RC="2"), fakes=["srun", "scontrol"])
+  assert proc.returncode == 2 and not (tmp_path / "scontrol.log").exists()  # a failure: no retry
 
 
 def test_slurm_gpu_without_a_cuda_jaxlib_says_which_to_install(tmp_path):
@@ -174,7 +221,8 @@ def test_slurm_gpu_without_a_cuda_jaxlib_says_which_to_install(tmp_path):
   assert line.startswith("error: no GPU jaxlib is installed")
   assert 'pip install "jax[cuda12]==' in line
   # With no expectation the check and the flag go: a CPU-only run, or a MODULE without the flag.
-  proc = _run("slurm_gpu.sbatch", tmp_path, dict(SLURM_ENV, EXPECT_BACKEND=""), fakes=["srun"])
+  proc = _run("slurm_gpu.sbatch", tmp_path,
+              dict(SLURM_ENV, EXPECT_BACKEND="", LOG_DIR=str(tmp_path / "logs")), fakes=["srun"])
   assert proc.returncode == 0, proc.stderr
   (call,) = _calls(tmp_path)
   assert not any("expect_backend" in a for a in call)
@@ -258,6 +306,20 @@ def test_local_starts_every_process_with_the_coordinator_flags(tmp_path):
     assert f"[{i}] env cpu --xla_force_host_platform_device_count=4" in lines
 
 
+def test_local_runs_the_single_process_tools_without_coordinator_flags(tmp_path):
+  env = {"MODULE": "fape_jax.evaluate", "PYTHON": sys.executable, "COORDINATOR_PORT": "23456"}
+  proc = _run("local.sh", tmp_path, env, "--workdir=/tmp/w")
+  # evaluate parsed its command line (no unknown --coordinator_address) and asked for --out.
+  assert proc.returncode == 2
+  assert "local.sh: 1 x 2 CPU devices" in proc.stderr
+  assert "[0] error: --workdir (the training run) and --out (the report folder) are required." \
+      in proc.stderr
+  assert "bad command line" not in proc.stderr
+  proc = _run("local.sh", tmp_path, dict(env, NUM_PROCESSES="2"))
+  assert proc.returncode == 2
+  assert "fape_jax.evaluate runs as a single process; NUM_PROCESSES=2" in proc.stderr
+
+
 def test_local_fails_with_the_failing_process_status(tmp_path):
   (tmp_path / "echo_args.py").write_text(ECHO_MODULE)
   env = {"NUM_PROCESSES": "3", "MODULE": "echo_args", "PYTHONPATH": str(tmp_path),
@@ -304,7 +366,14 @@ def _write_fake(path, log):
   path.write_text(textwrap.dedent(f"""\
       #!/bin/bash
       {{ printf '%q ' "${{0##*/}}" "$@"; echo; }} >> {shlex.quote(str(log))}
+      if [[ "${{4:-}}" == describe && "$*" == *--format=* ]]; then
+        echo "${{FAKE_ENDPOINTS-10.0.0.1;10.0.0.2;10.0.0.3;10.0.0.4}}"; exit 0
+      fi
       if [[ "${{4:-}}" == describe ]]; then exit "${{FAKE_DESCRIBE_RC:-0}}"; fi
+      if [[ "${{4:-}}" == ssh && " $* " == *" --worker=${{FAKE_FAIL_WORKER:-none}} "* ]]; then
+        echo "worker failed"; exit 3
+      fi
+      if [[ "${{0##*/}}" == srun ]]; then exit "${{FAKE_SRUN_RC:-0}}"; fi
       if [[ "${{4:-}}" == scp ]]; then /bin/cp "$5" {shlex.quote(str(log))}.tgz; fi
       exit 0
       """))

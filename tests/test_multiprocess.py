@@ -4,6 +4,8 @@ The 2-process run of the `tiny` config stops after 2 steps (checkpoint saved, va
 the same command resumes it to step 4. Both processes must log the same metrics at every step, and
 the losses, the data order (`data_index_sum`) and the final validation table must equal those of an
 uninterrupted single-process run on 4 fake devices (same global mesh size, same global batch).
+The 2-process step-2 checkpoint also resumes on 1 process (elastic resume: arrays resharded, the
+data stream rebuilt from the saved global position) and matches that run too.
 
 Every run compiles from scratch (JAX_COMPILATION_CACHE_DIR is dropped): on CPU, process 1's cache
 keys differ from process 0's and only process 0 writes entries, so a resumed 2-process run with a
@@ -13,6 +15,7 @@ after Gloo's 30 s rendezvous timeout.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -123,10 +126,14 @@ def test_two_processes_resume_and_match_one_process(data_dir, tmp_path):
   assert "joined as process 1 of 2, 2 local / 4 global devices" in first
   assert "Stopping at step 2" in first
   assert sorted(_train_rows(two)) == [1, 2]
+  elastic = str(tmp_path / "elastic")  # the 2-process checkpoint of step 2, resumed on 1 below
+  shutil.copytree(two, elastic)
   second = _run([launcher, *common], env, "2 processes, resumed, steps 3-4",
                 tmp_path / "two_resumed.log")
-  assert re.search(r"\[0\] .*Resumed from .* at step 2\.", second), second[-4000:]
-  assert re.search(r"\[1\] .*Resumed from .* at step 2\.", second), second[-4000:]
+  assert re.search(r"\[0\] .*Resumed from .* at step 2 \(global example 8\)\.", second), \
+      second[-4000:]
+  assert re.search(r"\[1\] .*Resumed from .* at step 2 \(global example 8\)\.", second), \
+      second[-4000:]
   assert "local.sh: all 2 processes finished." in second
 
   # Both processes report the same metrics at every step (they are replicated arrays).
@@ -140,6 +147,14 @@ def test_two_processes_resume_and_match_one_process(data_dir, tmp_path):
   _run([sys.executable, "-m", "fape_jax.train", "--config=configs/base.py:tiny", f"--workdir={one}",
         "--num_processes=1", *common], _child_env(4), "1 process x 4 devices, steps 1-4",
        tmp_path / "one.log")
+  # --- elastic: the 2-process run's step-2 checkpoint resumed by 1 process x 4 devices ---
+  third = _run([sys.executable, "-m", "fape_jax.train", "--config=configs/base.py:tiny",
+                f"--workdir={elastic}", "--num_processes=1", *common], _child_env(4),
+               "1 process x 4 devices, resumed from 2 processes, steps 3-4",
+               tmp_path / "elastic.log")
+  assert ("Checkpoint step 2 was written by 2 processes, this run has 1: the data stream "
+          "continues from global example 8") in third
+  assert re.search(r"Resumed from .* at step 2 \(global example 8\)\.", third), third[-4000:]
   # Both runs trained on a 4 x 1 (data x fsdp) mesh, as their checkpoints record.
   assert _checkpoint_mesh(two, STEPS) == _checkpoint_mesh(one, STEPS) == [4, 1]
   assert sorted(os.listdir(os.path.join(two, "checkpoints", str(STEPS), "data"))) == [
@@ -152,6 +167,13 @@ def test_two_processes_resume_and_match_one_process(data_dir, tmp_path):
     lines.append(f"{step} | {g['loss']:.9g} | {w['loss']:.9g} | "
                  f"{abs(g['loss'] - w['loss']) / abs(w['loss']):.2e} | {g['data_index_sum']:.0f}")
   print("\n".join(lines))
+  resumed = _train_rows(elastic)
+  assert sorted(resumed) == list(range(1, STEPS + 1))
+  for step in (3, 4):  # the same examples and, to float tolerance, the same losses
+    assert resumed[step]["data_index_sum"] == want[step]["data_index_sum"]
+    for k in ("loss", "mse", "d_loss", "g_grad_norm"):
+      np.testing.assert_allclose(resumed[step][k], want[step][k], rtol=RTOL, atol=1e-7,
+                                 err_msg=f"elastic step {step} {k}")
   for step in sorted(want):
     g, w = got[step], want[step]
     # The same examples in the same order (sum of the batch's global stream positions): step s

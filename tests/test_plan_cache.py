@@ -164,6 +164,27 @@ def test_cli(data_dir, tmp_path):
   assert "outside [0, 2)" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
+def test_two_processes_of_the_job_plan_different_shards(data_dir, tmp_path):
+  """launch/local.sh starts 2 processes with coordinator flags: each joins the process group and
+  plans the shard of its process index (before, both planned shard 0 of 1)."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+  env.update(MODULE="fape_jax.plan_cache", NUM_PROCESSES="2", DEVICES_PER_PROCESS="1",
+             PYTHON=sys.executable, PYTHONPATH=REPO)
+  store = tmp_path / "two"
+  out = subprocess.run(
+      [os.path.join(REPO, "launch", "local.sh"), f"--config.pairs.data_dir={data_dir}",
+       "--config.pairs.variants_per_image=1", "--config.pairs.train_max_side=32",
+       "--config.pairs.splits=('validation',)", f"--config.store.path={store}",
+       "--config.limit=10", "--config.progress=False"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  for i in range(2):
+    summary = json.loads((store / f"summary-s{i:05d}.json").read_text())
+    assert summary["shard"] == [i, 2] and summary["written"] == 5
+  assert len(open_plan_store(store)) == 10
+
+
 def test_job_with_hf_planner_and_mllm_encoder(data_dir, tmp_path):
   tiny = write_tiny_mllm(tmp_path / "tiny_mllm")
   config = _config(data_dir, tmp_path / "hf", ("validation",), limit=4, batch_size=3,

@@ -147,3 +147,29 @@ def test_bad_token_shapes_rejected(tmp_path):
     mask[0] = False
     with pytest.raises(ValueError, match="prefix"):
       w.add("b", _plan(0), tokens, mask)
+
+
+def test_a_file_system_without_flock_or_hard_links_still_builds_one_store(tmp_path, monkeypatch,
+                                                                          caplog):
+  """Lustre without -o flock, GCS FUSE: flock fails with ENOLCK, os.link with EPERM. The manifest
+  is then created exclusively, shards still add up, other settings are still refused."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import fcntl  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+
+  def no_flock(*_):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  def no_link(*_):
+    raise OSError(errno.EPERM, "Operation not permitted")
+
+  monkeypatch.setattr(fcntl, "flock", no_flock)
+  monkeypatch.setattr(os, "link", no_link)
+  _write(tmp_path, ["id0", "id2", "id4"], shard_index=0)
+  _write(tmp_path, ["id1", "id3"], shard_index=1)
+  store = open_plan_store(tmp_path)
+  assert sorted(store.ids) == [f"id{i}" for i in range(5)] and store.manifest["count"] == 5
+  assert "no flock on this file system" in caplog.text
+  assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]
+  with pytest.raises(FapeError, match="built with other settings"):
+    _write(tmp_path, ["id9"], settings=dict(SETTINGS, K=K + 1))

@@ -7,7 +7,10 @@ Training (`train_dataset` / `train_iterator`):
   count) -> this host's slice [process_index::process_count] -> threaded reads (ReadOptions) ->
   local batches of batch_size / process_count (drop_remainder) -> a prefetch thread.
 Global batch b is the stream positions [b * batch_size, (b + 1) * batch_size): hosts hold
-disjoint interleaved parts of it and together cover every position once.
+disjoint interleaved parts of it and together cover every position once. An example depends on its
+global position only (not on the host count), so a pipeline started at position `start` on any
+number of hosts continues the same stream: that is how a resume on another process count picks up
+where the checkpoint left off (`train_data.TrainStream`).
 
 With `task_batches=True` the shuffle is replaced by one-task batches (`TaskBatchOrder`): every
 global batch holds pairs of a single task, each cycle of T batches visits all T tasks once (in a
@@ -163,7 +166,7 @@ def record_tasks(source) -> list[str]:
 def train_dataset(source, plans=None, *, crop: int, batch_size: int, seed: int = 0,
                   process_index: int | None = None, process_count: int | None = None,
                   num_epochs: int | None = None, hflip: bool = True, vflip: bool = False,
-                  read_threads: int = 2, prefetch: int = 2,
+                  read_threads: int = 2, prefetch: int = 2, start: int = 0,
                   task_batches: bool = False) -> grain.IterDataset:
   """The training input pipeline for this host (see the module docstring).
 
@@ -178,6 +181,8 @@ def train_dataset(source, plans=None, *, crop: int, batch_size: int, seed: int =
     hflip, vflip: random flips (vertical off by default: rain falls down, haze thickens upward).
     read_threads: threads reading and transforming examples.
     prefetch: batches prepared ahead by a background thread (0: none).
+    start: the global stream position of the first batch (0, or where a resume on another
+      process count continues: the positions before it were consumed by the earlier run).
     task_batches: one task per global batch (`TaskBatchOrder`) instead of a plain shuffle.
   """
   n = len(source)
@@ -191,8 +196,11 @@ def train_dataset(source, plans=None, *, crop: int, batch_size: int, seed: int =
     raise FapeError(f"Training crop must be >= 1, got {crop}.")
   if not 0 <= seed < 2 ** 32:
     raise FapeError(f"Data seed {seed} must lie in [0, 2**32).")
+  if start < 0:
+    raise FapeError(f"Training stream start {start} must be >= 0.")
   if task_batches:
-    # An epoch is still n stream positions; the order within it comes from TaskBatchOrder.
+    # An epoch is still n stream positions; the order within it comes from TaskBatchOrder, which
+    # depends on the position only, so `start` below resumes it like the shuffle.
     order = TaskBatchOrder(record_tasks(source), batch_size, seed)
     ds = grain.MapDataset.range(n).repeat(num_epochs).map_with_index(lambda k, _: order(k))
   else:
@@ -200,7 +208,8 @@ def train_dataset(source, plans=None, *, crop: int, batch_size: int, seed: int =
   ds = ds.map_with_index(functools.partial(
       _train_example, source=source, plans=plans, crop=crop, seed=seed, hflip=hflip,
       vflip=vflip))
-  ds = ds[pi::pc]
+  # From global position `start` on (a resume on another process count), host pi's share.
+  ds = ds[start + pi::pc]
   local = batch_size // pc
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(read_threads, 0),
                                             prefetch_buffer_size=max(local * prefetch, 1)))

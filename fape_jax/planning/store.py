@@ -20,10 +20,13 @@ the Grain pipeline joins by id.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import logging
 import os
 import re
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -63,15 +66,64 @@ def _read_ids(ids_file: Path) -> list[str]:
   return json.loads(ids_file.read_text())["ids"]
 
 
+# flock's errors on file systems that cannot lock (Lustre without -o flock, some NFS and FUSE mounts).
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
+
+
 @contextlib.contextmanager
 def _locked(path: Path):
-  # Several processes may create or update the manifest at once.
+  """Serialises the manifest's count updates between writers, where the file system can.
+
+  Without flock the store stays correct: the manifest is created once atomically
+  (`_create_json_exclusive`), every update recounts the committed chunks, and readers count the ids
+  themselves (a count written by a slower writer may lag; it is informative only).
+  """
   with open(path / ".lock", "a+") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX)
+    except OSError as e:
+      if e.errno not in _NO_FLOCK:
+        raise
+      logging.warning("%s: no flock on this file system (%s); writing the plan store without it.",
+                      path, e)
+      yield
+      return
     try:
       yield
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _create_json_exclusive(path: Path, obj) -> bool:
+  """Writes `obj` to `path` unless it exists; atomic (a hard link of a complete temporary file,
+  or O_EXCL where links are not supported): False when another writer created it first."""
+  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+  try:
+    os.link(tmp, path)
+    return True
+  except FileExistsError:
+    return False
+  except OSError:  # no hard links (some FUSE mounts): an exclusive create, then the content
+    try:
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w") as f:
+      f.write(tmp.read_text())
+    return True
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def _read_manifest(path: Path, attempts: int = 50) -> dict:
+  """The manifest, waiting briefly for one another writer is creating without hard links."""
+  for _ in range(attempts - 1):
+    try:
+      return json.loads(path.read_text())
+    except json.JSONDecodeError:
+      time.sleep(0.1)
+  return json.loads(path.read_text())
 
 
 def _write_json_atomic(path: Path, obj) -> None:
@@ -109,17 +161,14 @@ class PlanStoreWriter:
     self._dtype = store_dtype(self.settings["dtype"])
     self._k, self._d = int(self.settings["K"]), int(self.settings["D"])
     self.path.mkdir(parents=True, exist_ok=True)
-    with _locked(self.path):
-      manifest_file = self.path / MANIFEST
-      if manifest_file.exists():
-        have = json.loads(manifest_file.read_text())
-        if diff := _diff(have, {k: self.settings.get(k) for k in SETTINGS_KEYS}):
-          raise FapeError(
-              f"The plan store at {self.path} was built with other settings ("
-              f"{'; '.join(diff)}). Delete that folder to rebuild it, or write to another "
-              "--config.store.path.")
-      else:
-        _write_json_atomic(manifest_file, {**self.settings, "count": 0})
+    manifest_file = self.path / MANIFEST
+    if not _create_json_exclusive(manifest_file, {**self.settings, "count": 0}):
+      have = _read_manifest(manifest_file)
+      if diff := _diff(have, {k: self.settings.get(k) for k in SETTINGS_KEYS}):
+        raise FapeError(
+            f"The plan store at {self.path} was built with other settings ("
+            f"{'; '.join(diff)}). Delete that folder to rebuild it, or write to another "
+            "--config.store.path.")
     self._remove_uncommitted()
     chunks = _committed_chunks(self.path)
     self.done_ids = {i for _, _, f in chunks for i in _read_ids(f)}
@@ -169,7 +218,7 @@ class PlanStoreWriter:
     self._records, self._ids = [], []
     with _locked(self.path):
       manifest_file = self.path / MANIFEST
-      manifest = json.loads(manifest_file.read_text())
+      manifest = _read_manifest(manifest_file)
       manifest["count"] = sum(len(_read_ids(f)) for _, _, f in _committed_chunks(self.path))
       _write_json_atomic(manifest_file, manifest)
 
