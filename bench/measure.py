@@ -175,6 +175,18 @@ def max_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def config_digest(summary: Mapping[str, Any]) -> str:
+  """A short hash of a benchmark's config summary (canonical JSON): equal summaries, equal digests.
+
+  Each result table names the digest of the config it measured, and `bench/report.py` compares it
+  with the digest of the same config as `configs/` builds it now, so a table measured before a
+  config change says so.
+  """
+  import hashlib  # pylint: disable=g-import-not-at-top
+  text = json.dumps(json.loads(json.dumps(summary, default=_json_default)), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
 def write_result(name: str, payload: Mapping[str, Any], out_dir: Path | None = None) -> Path:
   """Writes bench/results/<name>.json (atomically) and prints the JSON on stdout."""
   out_dir = Path(out_dir) if out_dir else RESULTS

@@ -37,6 +37,98 @@ def _mib(b: Any) -> str:
   return "—" if not b else f"{b / 2 ** 20:,.0f}"
 
 
+# Benchmarks whose results record a config summary, and the module that computes that summary.
+_SUMMARY_MODULES = {"train_step": "train_step", "restore": "restore"}
+
+
+def current_config(command: str):
+  """The config a recorded command would build from `configs/` today (None if it cannot tell).
+
+  Understands `--config=configs/base.py[:variant]` and dotted overrides `--config.a.b=value`.
+  """
+  import ast  # pylint: disable=g-import-not-at-top
+  import shlex  # pylint: disable=g-import-not-at-top
+  from configs import base  # pylint: disable=g-import-not-at-top
+  variant, overrides = None, []
+  args = []
+  for tok in shlex.split(command)[2:]:
+    # Older results recorded `--config.mesh.shape=(-1, 1)` unquoted: glue such pieces back.
+    if args and not tok.startswith("-"):
+      args[-1] += " " + tok
+    else:
+      args.append(tok)
+  for arg in args:
+    if arg.startswith("--config="):
+      path, _, variant = arg.split("=", 1)[1].partition(":")
+      if not path.endswith("configs/base.py"):
+        return None
+      variant = variant or None
+    elif arg.startswith("--config."):
+      key, _, value = arg[len("--config."):].partition("=")
+      overrides.append((key, value))
+  config = base.get_config(variant)
+  for key, value in overrides:
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a plain string
+    try:
+      node[leaf] = value
+    except (TypeError, KeyError, AttributeError):
+      return None
+  return config
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(d, dict):
+    return {prefix: d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+  return out
+
+
+def config_status(r: dict) -> dict[str, Any] | None:
+  """Digest of the config a result measured, the same config's digest now, and what differs.
+
+  None for benchmarks that record no comparable config summary.
+  """
+  module = _SUMMARY_MODULES.get(r.get("benchmark"))
+  if module is None or "config" not in r:
+    return None
+  recorded = json.loads(json.dumps(r["config"], default=list))
+  status = {"measured": measure.config_digest(recorded), "now": None, "changed": []}
+  config = current_config(r["command"])
+  if config is None:
+    return status
+  summary_fn = getattr(__import__(module), "config_summary")
+  now = json.loads(json.dumps(summary_fn(config), default=list))
+  status["now"] = measure.config_digest(now)
+  a, b = _flat(recorded), _flat(now)
+  status["changed"] = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k,
+                                                                                         "<absent>"))
+  return status
+
+
+def _stale_lines(r: dict) -> list[str]:
+  st = config_status(r)
+  if st is None:
+    return []
+  if st["now"] is None:
+    return [f"Config digest `{st['measured']}` (could not rebuild this command's config from "
+            "configs/ to compare).", ""]
+  if st["now"] == st["measured"]:
+    return [f"Config digest `{st['measured']}`: the same as configs/ builds it today.", ""]
+  changed = ", ".join(st["changed"][:8]) + (" ..." if len(st["changed"]) > 8 else "")
+  return [f"**STALE: measured on config digest `{st['measured']}`; configs/ now gives "
+          f"`{st['now']}` (changed: {changed}). Re-run the command below, then "
+          "bench/report.py.**", ""]
+
+
 def _header(r: dict) -> list[str]:
   m = r["machine"]
   load_end = r.get("load_average_end")
@@ -48,7 +140,7 @@ def _header(r: dict) -> list[str]:
            + f"; {m['date']}; commit `{m['commit']}`; load average "
            f"{m['load_average_start']} at start" + (f", {load_end} at end" if load_end else ""),
            "", f"Command: `{r['command']}`", ""]
-  return lines
+  return _stale_lines(r) + lines
 
 
 def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
@@ -206,6 +298,15 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
 VARIANTS = ("train_step", "train_step_heads2", "train_step_b32", "train_step_1core")
 
 
+def _digest_cell(r: dict) -> str:
+  st = config_status(r)
+  if st is None:
+    return "—"
+  if st["now"] is not None and st["now"] != st["measured"]:
+    return f"`{st['measured']}` **STALE**"
+  return f"`{st['measured']}`"
+
+
 def train_step_variants() -> list[str]:
   rows = []
   for name in VARIANTS:
@@ -218,13 +319,13 @@ def train_step_variants() -> list[str]:
     usable = r["machine"].get("usable_cores")
     if usable and usable < r["machine"]["cores"]:
       flags += f" (pinned to {usable} core)"
-    rows.append([flags, r["machine"]["date"][11:16], m.get("step_s"),
+    rows.append([flags, r["machine"]["date"][:16].replace("T", " "), m.get("step_s"),
                  r.get("torch_eager_step_s"), r.get("speedup"), m.get("images_per_s"),
                  m.get("flop_fraction"), lib["step_s"], lib["flop_fraction"],
-                 str(r["machine"]["load_average_start"][0])])
-  lines = _table(["train_step.py flags", "UTC", "JAX matched s", "torch eager s",
+                 str(r["machine"]["load_average_start"][0]), _digest_cell(r)])
+  lines = _table(["train_step.py flags", "date (UTC)", "JAX matched s", "torch eager s",
                   "torch / JAX", "JAX matched img/s", "matched of peak", "JAX library s",
-                  "library of peak", "load"], rows)
+                  "library of peak", "load", "config"], rows)
   return lines
 
 

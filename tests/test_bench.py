@@ -251,3 +251,24 @@ def test_benchmarks_md_tables_are_rendered_from_the_results():
   text = report.DOC.read_text()
   assert "<!-- results:train_step -->" in text
   assert report.render(text) == text, "BENCHMARKS.md is stale: run .venv/bin/python bench/report.py"
+
+
+# --------------------------------------------------------------------------------------------
+# Stale tables: every result names the config it measured; a config change forces a re-measure.
+
+
+def test_report_rebuilds_a_commands_config_and_names_what_changed():
+  import report  # pylint: disable=g-import-not-at-top
+  import train_step  # pylint: disable=g-import-not-at-top
+  command = ".venv/bin/python bench/train_step.py --config=configs/base.py:tiny --config.data.crop=24"
+  config = report.current_config(command)
+  assert config.variant == "tiny" and config.data.crop == 24
+  recorded = json.loads(json.dumps(train_step.config_summary(config), default=list))
+  r = {"benchmark": "train_step", "command": command, "config": recorded}
+  st = report.config_status(r)
+  assert st["now"] == st["measured"] and st["changed"] == []
+  recorded["crop"] = 32
+  st = report.config_status(r)
+  assert st["now"] != st["measured"] and st["changed"] == ["crop"]
+  assert "STALE" in report._stale_lines(r)[0]
+
