@@ -269,6 +269,32 @@ def pipeline(r: dict) -> list[str]:
   return lines
 
 
+def step_changes() -> list[str]:
+  """One row per bench/results/whatif_*.json in the before/after form: landed changes (before =
+  the previous path) and tried ones that were not kept (before = the library)."""
+  rows = []
+  for path in sorted(measure.RESULTS.glob("whatif_*.json")):
+    r = json.loads(path.read_text())
+    if "step_s_before" not in r:
+      continue
+    agree = r["step3_metrics_before_vs_after"]
+    rows.append([f"`{r['change']}`", "kept" if r.get("landed") else "not kept",
+                 r["machine"]["date"][:16].replace("T", " "),
+                 r["step_s_before"], r["step_s_after"], f"**{r['speedup']:.3f}**",
+                 r.get("matched_step_s_before"), r.get("matched_step_s_after"),
+                 f"**{r['matched_speedup']:.3f}**" if r.get("matched_speedup") else "—",
+                 f"{r['speedup_stats']['of_fastest']:.3f}",
+                 _f(r["speedup_stats"].get("of_cpu_medians")),
+                 f"{r['machine']['load_average_start'][0]}-{r['load_average_end'][0]}",
+                 f"{agree['loss'][0]:.7g} / {agree['loss'][1]:.7g}",
+                 f"`{r['command'].split('whatif.py', 1)[-1].strip()}`"])
+  return _table(["change", "in the library", "date (UTC)", "library s before",
+                 "library s after", "library speedup", "matched s before", "matched s after",
+                 "matched speedup", "library speedup of fastest calls",
+                 "library speedup in CPU time", "load", "step-3 loss before / after",
+                 "whatif.py flags"], rows)
+
+
 def whatif(r: dict) -> list[str]:
   lines = _header(r)
   agree = r["step3_metrics_as_is_vs_changed"]
@@ -332,6 +358,8 @@ def train_step_variants() -> list[str]:
 def render_block(name: str) -> str:
   if name == "train_step_variants":
     return "\n".join(train_step_variants()) + "\n"
+  if name == "step_changes":
+    return "\n".join(step_changes()) + "\n"
   path = measure.RESULTS / f"{name}.json"
   if not path.exists():
     return f"(no results yet: run the command above to write bench/results/{name}.json)\n"
