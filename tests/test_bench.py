@@ -87,7 +87,9 @@ from inputs import random_batch  # noqa: E402
 from configs import base as base_config  # noqa: E402
 from fape_jax import model_state  # noqa: E402
 from fape_jax.models import bands  # noqa: E402
+from fape_jax.models import layers  # noqa: E402
 from fape_jax.models import lora_moe  # noqa: E402
+from flax import nnx  # noqa: E402
 
 
 @pytest.mark.parametrize("grid", [(12, 12), (6, 10), (5, 7)])
@@ -271,4 +273,42 @@ def test_report_rebuilds_a_commands_config_and_names_what_changed():
   st = report.config_status(r)
   assert st["now"] != st["measured"] and st["changed"] == ["crop"]
   assert "STALE" in report._stale_lines(r)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# What-if changes compute the same numbers as the library path they would replace.
+
+
+@pytest.mark.parametrize("shape,groups,silu", [((2, 6, 5, 16), 4, True), ((2, 6, 5, 16), 4, False),
+                                               ((3, 30, 12), 3, False), ((1, 4, 4, 8), 8, True)])
+def test_whatif_fused_group_norm_matches_flax_forward_and_gradients(shape, groups, silu):
+  rng = np.random.default_rng(sum(shape))
+  norm = nnx.GroupNorm(shape[-1], groups, epsilon=1e-5, use_fast_variance=False,
+                       rngs=nnx.Rngs(0))
+  norm.scale.set_value(jnp.asarray(rng.normal(1.0, 0.3, shape[-1]).astype(np.float32)))
+  norm.bias.set_value(jnp.asarray(rng.normal(0.0, 0.3, shape[-1]).astype(np.float32)))
+  # A large mean (where the fast variance formula would lose digits) and a varied scale.
+  x = jnp.asarray(rng.normal(3.0, 2.0, shape).astype(np.float32))
+  cot = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+
+  def module(s, b):  # a fresh module holding these (possibly traced) parameters
+    m = nnx.GroupNorm(shape[-1], groups, epsilon=1e-5, use_fast_variance=False,
+                      rngs=nnx.Rngs(0))
+    m.scale.set_value(s)
+    m.bias.set_value(b)
+    return m
+
+  def old(x, s, b):
+    return layers.group_norm(module(s, b), x, silu=silu)
+
+  def new(x, s, b):
+    return whatif.group_norm_fused(module(s, b), x, silu=silu)
+
+  args = (x, norm.scale.get_value(), norm.bias.get_value())
+  np.testing.assert_allclose(new(*args), old(*args), rtol=1e-5, atol=1e-5)
+  g_old = jax.grad(lambda *a: jnp.sum(old(*a) * cot), argnums=(0, 1, 2))(*args)
+  g_new = jax.grad(lambda *a: jnp.sum(new(*a) * cot), argnums=(0, 1, 2))(*args)
+  for a, b in zip(g_new, g_old):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
 
