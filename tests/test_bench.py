@@ -312,3 +312,23 @@ def test_whatif_fused_group_norm_matches_flax_forward_and_gradients(shape, group
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+
+
+def test_whatif_fft2d_lowpass_is_the_grid2d_filter_by_ffts():
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 12 * 12, 4)).astype(np.float32))
+  grid2d = bands.BandFilter("grid2d", 0.094)
+  with whatif.applied("band_grid2d"):
+    before = grid2d.lowpass(x, (12, 12))
+  np.testing.assert_allclose(before, bands.BandFilter("fft2d", 0.094).lowpass(x, (12, 12)),
+                             atol=1e-6)
+  np.testing.assert_allclose(before, grid2d.lowpass(x, (12, 12)), atol=1e-5)
+
+
+def test_train_step_result_was_measured_on_todays_base_config():
+  import report  # pylint: disable=g-import-not-at-top
+  r = json.loads((measure.RESULTS / "train_step.json").read_text())
+  st = report.config_status(r)
+  assert st["now"] == st["measured"], (
+      f"bench/results/train_step.json was measured on config digest {st['measured']}, "
+      f"configs/base.py now gives {st['now']} (changed: {st['changed']}): re-run "
+      f"`{r['command']}`, then bench/report.py.")
