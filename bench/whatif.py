@@ -22,6 +22,8 @@ Changes:
   group_norm_fused `layers.group_norm` (flax's `nnx.GroupNorm`, then `jax.nn.silu`, under
                   autodiff) as one custom-VJP op whose backward works from the saved statistics.
                   Measured slower; not adopted.
+  band_grid2d (landed) `lora.band_mode='grid2d'` (the default): the band split as two circulant
+                  matmuls; before = the same filter through rfft2/irfft2 ('fft2d').
   attention_deferred (landed) `layers.attend` on CPU: softmax attention that divides by the row
                   sums after the value matmul; before = `jax.nn.dot_product_attention` (XLA).
 """
@@ -29,6 +31,7 @@ Changes:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from typing import Any, Iterator
 
@@ -148,12 +151,21 @@ def attend_dot_product(q, k, v, kv_mask, implementation=None):
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
 
 
+def lowpass_fft2d(self: bands.BandFilter, tokens: jax.Array, grid: tuple[int, int]
+                  ) -> jax.Array:
+  """The path 'grid2d' replaced as the default: the same filter through FFTs."""
+  if self.mode == "grid2d":
+    self = dataclasses.replace(self, mode="fft2d")
+  return _ORIGINAL_LOWPASS(self, tokens, grid)
+
+
 _ORIGINAL_LOWPASS = bands.BandFilter.lowpass
 # name -> (landed, [(owner, attribute, replacement), ...]).
 CHANGES = {
     "lowpass_matmul": (False, [(bands.BandFilter, "lowpass", lowpass_matmul)]),
     "group_norm_fused": (False, [(layers, "group_norm", group_norm_fused),
                                  (unet, "group_norm", group_norm_fused)]),
+    "band_grid2d": (True, [(bands.BandFilter, "lowpass", lowpass_fft2d)]),
     "attention_deferred": (True, [(layers, "attend", attend_dot_product)]),
 }
 
