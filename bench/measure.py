@@ -79,13 +79,18 @@ def median(xs) -> float:
   return float(statistics.median(xs))
 
 
-def time_calls(fn: Callable[[], Any], n: int) -> list[float]:
-  """Wall seconds of `n` calls of `fn`; `fn` must block until its work is done."""
+def time_calls(fn: Callable[[], Any], n: int, cpu: list[float] | None = None) -> list[float]:
+  """Wall seconds of `n` calls of `fn`; `fn` must block until its work is done.
+
+  With `cpu`, each call's process CPU seconds (all threads, user + system) are appended to it.
+  """
   out = []
   for _ in range(n):
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
     out.append(time.perf_counter() - t0)
+    if cpu is not None:
+      cpu.append(time.process_time() - c0)
   return out
 
 
@@ -98,18 +103,22 @@ def alternate(fns: Mapping[str, Callable[[], Any] | tuple[Callable[[], Any], int
   a short matmul than for a long train step).
 
   Returns per name: `median_s` (median over rounds of each round's mean call time), `round_s`
-  (the per-round means), `calls_s` (every call) and `load` (the 1-minute load average after each
-  round). The mean within a round keeps steps that differ by design (a discriminator update every
+  (the per-round means), `calls_s` (every call), `load` (the 1-minute load average after each
+  round) and the same for process CPU seconds per call (`cpu_median_s`, `cpu_round_s`): CPU
+  time counts work done, not time spent descheduled, so it is far less sensitive to other jobs
+  on a shared machine (but counts spin-waiting threads as work). The mean within a round keeps steps that differ by design (a discriminator update every
   other step) in proportion; the median across rounds drops rounds hit by a load spike. Even rounds run the names in the given order, odd rounds in reverse (A B, B A, ...), so
   no side always runs right after the same neighbour.
   """
   names = list(fns)
   fns = {n: f if isinstance(f, tuple) else (f, calls) for n, f in fns.items()}
-  out = {n: {"round_s": [], "calls_s": [], "load": []} for n in names}
+  out = {n: {"round_s": [], "calls_s": [], "load": [], "cpu_round_s": []} for n in names}
   for r in range(rounds):
     for name in (names if r % 2 == 0 else names[::-1]):
-      times = time_calls(*fns[name])
+      cpu: list[float] = []
+      times = time_calls(*fns[name], cpu=cpu)
       out[name]["round_s"].append(statistics.fmean(times))
+      out[name]["cpu_round_s"].append(statistics.fmean(cpu))
       out[name]["calls_s"].extend(times)
       out[name]["load"].append(load_average()[0])
       if log:
@@ -118,6 +127,7 @@ def alternate(fns: Mapping[str, Callable[[], Any] | tuple[Callable[[], Any], int
   for name in names:
     out[name]["median_s"] = median(out[name]["round_s"])
     out[name]["min_s"] = min(out[name]["calls_s"])
+    out[name]["cpu_median_s"] = median(out[name]["cpu_round_s"])
   return out
 
 
@@ -130,8 +140,11 @@ def ratio_stats(timed: Mapping[str, Mapping[str, Any]], num: str, den: str) -> d
   """
   a, b = timed[num], timed[den]
   per_round = [x / y for x, y in zip(a["round_s"], b["round_s"])]
-  return {"of_medians": a["median_s"] / b["median_s"], "of_fastest": a["min_s"] / b["min_s"],
-          "median_per_round": median(per_round)}
+  out = {"of_medians": a["median_s"] / b["median_s"], "of_fastest": a["min_s"] / b["min_s"],
+         "median_per_round": median(per_round)}
+  if a.get("cpu_median_s") and b.get("cpu_median_s"):
+    out["of_cpu_medians"] = a["cpu_median_s"] / b["cpu_median_s"]
+  return out
 
 
 def matmul_peak_fn(n: int = 2048, dtype: str = "float32"):
@@ -173,6 +186,18 @@ def max_rss_bytes() -> int:
   """Peak resident memory of this process so far (Linux reports ru_maxrss in KiB)."""
   import resource  # pylint: disable=g-import-not-at-top
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def config_digest(summary: Mapping[str, Any]) -> str:
+  """A short hash of a benchmark's config summary (canonical JSON): equal summaries, equal digests.
+
+  Each result table names the digest of the config it measured, and `bench/report.py` compares it
+  with the digest of the same config as `configs/` builds it now, so a table measured before a
+  config change says so.
+  """
+  import hashlib  # pylint: disable=g-import-not-at-top
+  text = json.dumps(json.loads(json.dumps(summary, default=_json_default)), sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 def write_result(name: str, payload: Mapping[str, Any], out_dir: Path | None = None) -> Path:

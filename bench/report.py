@@ -37,6 +37,98 @@ def _mib(b: Any) -> str:
   return "—" if not b else f"{b / 2 ** 20:,.0f}"
 
 
+# Benchmarks whose results record a config summary, and the module that computes that summary.
+_SUMMARY_MODULES = {"train_step": "train_step", "restore": "restore"}
+
+
+def current_config(command: str):
+  """The config a recorded command would build from `configs/` today (None if it cannot tell).
+
+  Understands `--config=configs/base.py[:variant]` and dotted overrides `--config.a.b=value`.
+  """
+  import ast  # pylint: disable=g-import-not-at-top
+  import shlex  # pylint: disable=g-import-not-at-top
+  from configs import base  # pylint: disable=g-import-not-at-top
+  variant, overrides = None, []
+  args = []
+  for tok in shlex.split(command)[2:]:
+    # Older results recorded `--config.mesh.shape=(-1, 1)` unquoted: glue such pieces back.
+    if args and not tok.startswith("-"):
+      args[-1] += " " + tok
+    else:
+      args.append(tok)
+  for arg in args:
+    if arg.startswith("--config="):
+      path, _, variant = arg.split("=", 1)[1].partition(":")
+      if not path.endswith("configs/base.py"):
+        return None
+      variant = variant or None
+    elif arg.startswith("--config."):
+      key, _, value = arg[len("--config."):].partition("=")
+      overrides.append((key, value))
+  config = base.get_config(variant)
+  for key, value in overrides:
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass  # a plain string
+    try:
+      node[leaf] = value
+    except (TypeError, KeyError, AttributeError):
+      return None
+  return config
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(d, dict):
+    return {prefix: d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+  return out
+
+
+def config_status(r: dict) -> dict[str, Any] | None:
+  """Digest of the config a result measured, the same config's digest now, and what differs.
+
+  None for benchmarks that record no comparable config summary.
+  """
+  module = _SUMMARY_MODULES.get(r.get("benchmark"))
+  if module is None or "config" not in r:
+    return None
+  recorded = json.loads(json.dumps(r["config"], default=list))
+  status = {"measured": measure.config_digest(recorded), "now": None, "changed": []}
+  config = current_config(r["command"])
+  if config is None:
+    return status
+  summary_fn = getattr(__import__(module), "config_summary")
+  now = json.loads(json.dumps(summary_fn(config), default=list))
+  status["now"] = measure.config_digest(now)
+  a, b = _flat(recorded), _flat(now)
+  status["changed"] = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k,
+                                                                                         "<absent>"))
+  return status
+
+
+def _stale_lines(r: dict) -> list[str]:
+  st = config_status(r)
+  if st is None:
+    return []
+  if st["now"] is None:
+    return [f"Config digest `{st['measured']}` (could not rebuild this command's config from "
+            "configs/ to compare).", ""]
+  if st["now"] == st["measured"]:
+    return [f"Config digest `{st['measured']}`: the same as configs/ builds it today.", ""]
+  changed = ", ".join(st["changed"][:8]) + (" ..." if len(st["changed"]) > 8 else "")
+  return [f"**STALE: measured on config digest `{st['measured']}`; configs/ now gives "
+          f"`{st['now']}` (changed: {changed}). Re-run the command below, then "
+          "bench/report.py.**", ""]
+
+
 def _header(r: dict) -> list[str]:
   m = r["machine"]
   load_end = r.get("load_average_end")
@@ -48,7 +140,7 @@ def _header(r: dict) -> list[str]:
            + f"; {m['date']}; commit `{m['commit']}`; load average "
            f"{m['load_average_start']} at start" + (f", {load_end} at end" if load_end else ""),
            "", f"Command: `{r['command']}`", ""]
-  return lines
+  return _stale_lines(r) + lines
 
 
 def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
@@ -99,6 +191,21 @@ def train_step(r: dict) -> list[str]:
                     if r.get("speedup_compile") else "")
                  + (f" (torch.compile: {t['compile_error']})" if t and t.get("compile_error")
                     else "") + ".")
+    stats = r.get("speedup_stats") or {}
+    if stats:
+      lines.append("Same ratios " + "; ".join(
+          f"{k}: of medians {v['of_medians']:.2f}x, of fastest calls {v['of_fastest']:.2f}x, "
+          f"median per round {v['median_per_round']:.2f}x"
+          + (f", of CPU time {v['of_cpu_medians']:.2f}x" if v.get("of_cpu_medians") else "")
+          for k, v in stats.items()) + ".")
+    loads = [x for v in r["timings"].values() for x in v.get("load", [])]
+    cores = r["machine"].get("usable_cores") or r["machine"]["cores"]
+    if loads and max(loads) > cores:
+      lines.append(f"**Load average {min(loads)}-{max(loads)} on {cores} usable core(s) during "
+                   "the timed rounds: the torch ratios above are not a framework comparison** "
+                   "(PyTorch's OpenMP threads spin-wait for descheduled peers, see Load); even the "
+                   "fastest calls are disturbed, and the matmul peak is measured low, so `of "
+                   "peak` reads high.")
   lines.append(f"FLOPs: XLA cost analysis of the compiled step (all ops); the torch column "
                f"counts matmul/conv/attention only (FlopCounterMode). Peak memory: max RSS "
                f"{_mib(r['peak_memory']['max_rss_bytes'])} MiB"
@@ -177,6 +284,32 @@ def pipeline(r: dict) -> list[str]:
   return lines
 
 
+def step_changes() -> list[str]:
+  """One row per bench/results/whatif_*.json in the before/after form: landed changes (before =
+  the previous path) and tried ones that were not kept (before = the library)."""
+  rows = []
+  for path in sorted(measure.RESULTS.glob("whatif_*.json")):
+    r = json.loads(path.read_text())
+    if "step_s_before" not in r:
+      continue
+    agree = r["step3_metrics_before_vs_after"]
+    rows.append([f"`{r['change']}`", "kept" if r.get("landed") else "not kept",
+                 r["machine"]["date"][:16].replace("T", " "),
+                 r["step_s_before"], r["step_s_after"], f"**{r['speedup']:.3f}**",
+                 r.get("matched_step_s_before"), r.get("matched_step_s_after"),
+                 f"**{r['matched_speedup']:.3f}**" if r.get("matched_speedup") else "—",
+                 f"{r['speedup_stats']['of_fastest']:.3f}",
+                 _f(r["speedup_stats"].get("of_cpu_medians")),
+                 f"{r['machine']['load_average_start'][0]}-{r['load_average_end'][0]}",
+                 f"{agree['loss'][0]:.7g} / {agree['loss'][1]:.7g}",
+                 f"`{r['command'].split('whatif.py', 1)[-1].strip()}`"])
+  return _table(["change", "in the library", "date (UTC)", "library s before",
+                 "library s after", "library speedup", "matched s before", "matched s after",
+                 "matched speedup", "library speedup of fastest calls",
+                 "library speedup in CPU time", "load", "step-3 loss before / after",
+                 "whatif.py flags"], rows)
+
+
 def whatif(r: dict) -> list[str]:
   lines = _header(r)
   agree = r["step3_metrics_as_is_vs_changed"]
@@ -203,7 +336,23 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
 
 
 # Runs of bench/train_step.py with one thing changed, compared in one table.
-VARIANTS = ("train_step", "train_step_heads2", "train_step_b32", "train_step_1core")
+VARIANTS = ("train_step", "train_step_load9", "train_step_1core", "train_step_heads2", "train_step_b32")
+
+
+def _load_range(r: dict) -> str:
+  loads = [x for v in r.get("timings", {}).values() for x in v.get("load", [])]
+  if not loads:
+    return str(r["machine"]["load_average_start"][0])
+  return f"{min(loads)}-{max(loads)}"
+
+
+def _digest_cell(r: dict) -> str:
+  st = config_status(r)
+  if st is None:
+    return "—"
+  if st["now"] is not None and st["now"] != st["measured"]:
+    return f"`{st['measured']}` **STALE**"
+  return f"`{st['measured']}`"
 
 
 def train_step_variants() -> list[str]:
@@ -218,19 +367,25 @@ def train_step_variants() -> list[str]:
     usable = r["machine"].get("usable_cores")
     if usable and usable < r["machine"]["cores"]:
       flags += f" (pinned to {usable} core)"
-    rows.append([flags, r["machine"]["date"][11:16], m.get("step_s"),
-                 r.get("torch_eager_step_s"), r.get("speedup"), m.get("images_per_s"),
+    if r.get("note"):
+      flags += f" ({r['note']})"
+    rows.append([flags, r["machine"]["date"][:16].replace("T", " "), m.get("step_s"),
+                 r.get("torch_eager_step_s"), r.get("speedup"),
+                 ((r.get("speedup_stats") or {}).get("torch_eager/jax_matched") or {}).get(
+                     "of_fastest"), m.get("images_per_s"),
                  m.get("flop_fraction"), lib["step_s"], lib["flop_fraction"],
-                 str(r["machine"]["load_average_start"][0])])
-  lines = _table(["train_step.py flags", "UTC", "JAX matched s", "torch eager s",
-                  "torch / JAX", "JAX matched img/s", "matched of peak", "JAX library s",
-                  "library of peak", "load"], rows)
+                 _load_range(r), _digest_cell(r)])
+  lines = _table(["train_step.py flags", "date (UTC)", "JAX matched s", "torch eager s",
+                  "torch / JAX", "torch / JAX, fastest calls", "JAX matched img/s", "matched of peak", "JAX library s",
+                  "library of peak", "load", "config"], rows)
   return lines
 
 
 def render_block(name: str) -> str:
   if name == "train_step_variants":
     return "\n".join(train_step_variants()) + "\n"
+  if name == "step_changes":
+    return "\n".join(step_changes()) + "\n"
   path = measure.RESULTS / f"{name}.json"
   if not path.exists():
     return f"(no results yet: run the command above to write bench/results/{name}.json)\n"

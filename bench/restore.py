@@ -150,6 +150,16 @@ def _planning(config, sizes: list[int]) -> dict[str, Any]:
   return out
 
 
+def config_summary(config) -> dict[str, Any]:
+  """The config fields restore latency depends on (report.py flags the table when they change)."""
+  m = config.model
+  return {"variant": config.get("variant"), "unet": m.unet.to_dict(), "vae": m.vae is not None,
+          "dtype": m.dtype, "plan_tokens": [config.plans.encoder.max_tokens, config.plans.dim],
+          "lora": {"ranks": list(m.lora.ranks), "band_mode": m.lora.band_mode,
+                   "top1": m.lora.top1},
+          "crop": config.data.crop}
+
+
 def tiling_for(config, multiple: int) -> tuple[int, int]:
   """(tile, overlap): the flags, or the restore CLI's defaults for this config."""
   tile = FLAGS.tile or -(-int(config.data.crop or 256) // multiple) * multiple
@@ -204,9 +214,8 @@ def main(argv):
       "command": measure.command_line(),
       "machine": {**machine, "jax": jax.__version__, "backend": dev.platform,
                   "device_kind": dev.device_kind},
-      "config": {"variant": config.get("variant"), "unet": config.model.unet.to_dict(),
-                 "vae": config.model.vae is not None, "dtype": config.model.dtype,
-                 "plan_tokens": [config.plans.encoder.max_tokens, config.plans.dim]},
+      "config": config_summary(config),
+      "config_digest": measure.config_digest(config_summary(config)),
       "weights": "random init (latency and memory depend on shapes only)",
       "tiling": {"tile": FLAGS.tile or "restore CLI default (training crop)",
                  "overlap": FLAGS.overlap if FLAGS.overlap >= 0 else "tile // 4",

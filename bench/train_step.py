@@ -226,6 +226,7 @@ def main(argv):
       "machine": {**machine, "jax": jax.__version__, "backend": dev.platform,
                   "device_kind": dev.device_kind, "devices": jax.device_count()},
       "config": config_summary(config),
+      "config_digest": measure.config_digest(config_summary(config)),
       "peak_matmul": {"n": FLAGS.peak_n, "dtype": FLAGS.peak_dtype, "flop_per_s": peak,
                       "nominal_flop_per_s": nominal_peak(dev.device_kind, FLAGS.peak_dtype)},
       "library_step": lib_sum,

@@ -87,7 +87,9 @@ from inputs import random_batch  # noqa: E402
 from configs import base as base_config  # noqa: E402
 from fape_jax import model_state  # noqa: E402
 from fape_jax.models import bands  # noqa: E402
+from fape_jax.models import layers  # noqa: E402
 from fape_jax.models import lora_moe  # noqa: E402
+from flax import nnx  # noqa: E402
 
 
 @pytest.mark.parametrize("grid", [(12, 12), (6, 10), (5, 7)])
@@ -251,3 +253,82 @@ def test_benchmarks_md_tables_are_rendered_from_the_results():
   text = report.DOC.read_text()
   assert "<!-- results:train_step -->" in text
   assert report.render(text) == text, "BENCHMARKS.md is stale: run .venv/bin/python bench/report.py"
+
+
+# --------------------------------------------------------------------------------------------
+# Stale tables: every result names the config it measured; a config change forces a re-measure.
+
+
+def test_report_rebuilds_a_commands_config_and_names_what_changed():
+  import report  # pylint: disable=g-import-not-at-top
+  import train_step  # pylint: disable=g-import-not-at-top
+  command = ".venv/bin/python bench/train_step.py --config=configs/base.py:tiny --config.data.crop=24"
+  config = report.current_config(command)
+  assert config.variant == "tiny" and config.data.crop == 24
+  recorded = json.loads(json.dumps(train_step.config_summary(config), default=list))
+  r = {"benchmark": "train_step", "command": command, "config": recorded}
+  st = report.config_status(r)
+  assert st["now"] == st["measured"] and st["changed"] == []
+  recorded["crop"] = 32
+  st = report.config_status(r)
+  assert st["now"] != st["measured"] and st["changed"] == ["crop"]
+  assert "STALE" in report._stale_lines(r)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# What-if changes compute the same numbers as the library path they would replace.
+
+
+@pytest.mark.parametrize("shape,groups,silu", [((2, 6, 5, 16), 4, True), ((2, 6, 5, 16), 4, False),
+                                               ((3, 30, 12), 3, False), ((1, 4, 4, 8), 8, True)])
+def test_whatif_fused_group_norm_matches_flax_forward_and_gradients(shape, groups, silu):
+  rng = np.random.default_rng(sum(shape))
+  norm = nnx.GroupNorm(shape[-1], groups, epsilon=1e-5, use_fast_variance=False,
+                       rngs=nnx.Rngs(0))
+  norm.scale.set_value(jnp.asarray(rng.normal(1.0, 0.3, shape[-1]).astype(np.float32)))
+  norm.bias.set_value(jnp.asarray(rng.normal(0.0, 0.3, shape[-1]).astype(np.float32)))
+  # A large mean (where the fast variance formula would lose digits) and a varied scale.
+  x = jnp.asarray(rng.normal(3.0, 2.0, shape).astype(np.float32))
+  cot = jnp.asarray(rng.normal(size=shape).astype(np.float32))
+
+  def module(s, b):  # a fresh module holding these (possibly traced) parameters
+    m = nnx.GroupNorm(shape[-1], groups, epsilon=1e-5, use_fast_variance=False,
+                      rngs=nnx.Rngs(0))
+    m.scale.set_value(s)
+    m.bias.set_value(b)
+    return m
+
+  def old(x, s, b):
+    return layers.group_norm(module(s, b), x, silu=silu)
+
+  def new(x, s, b):
+    return whatif.group_norm_fused(module(s, b), x, silu=silu)
+
+  args = (x, norm.scale.get_value(), norm.bias.get_value())
+  np.testing.assert_allclose(new(*args), old(*args), rtol=1e-5, atol=1e-5)
+  g_old = jax.grad(lambda *a: jnp.sum(old(*a) * cot), argnums=(0, 1, 2))(*args)
+  g_new = jax.grad(lambda *a: jnp.sum(new(*a) * cot), argnums=(0, 1, 2))(*args)
+  for a, b in zip(g_new, g_old):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+
+
+def test_whatif_fft2d_lowpass_is_the_grid2d_filter_by_ffts():
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 12 * 12, 4)).astype(np.float32))
+  grid2d = bands.BandFilter("grid2d", 0.094)
+  with whatif.applied("band_grid2d"):
+    before = grid2d.lowpass(x, (12, 12))
+  np.testing.assert_allclose(before, bands.BandFilter("fft2d", 0.094).lowpass(x, (12, 12)),
+                             atol=1e-6)
+  np.testing.assert_allclose(before, grid2d.lowpass(x, (12, 12)), atol=1e-5)
+
+
+def test_train_step_result_was_measured_on_todays_base_config():
+  import report  # pylint: disable=g-import-not-at-top
+  r = json.loads((measure.RESULTS / "train_step.json").read_text())
+  st = report.config_status(r)
+  assert st["now"] == st["measured"], (
+      f"bench/results/train_step.json was measured on config digest {st['measured']}, "
+      f"configs/base.py now gives {st['now']} (changed: {st['changed']}): re-run "
+      f"`{r['command']}`, then bench/report.py.")

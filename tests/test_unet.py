@@ -247,3 +247,37 @@ def test_default_and_noop_config_values_are_accepted():
   parsed = unet.parse_config(config)
   assert parsed["attention_head_dim"] == 8 and "_class_name" not in parsed
   assert "class_embed_type" not in parsed  # fixed at its no-op value, not a model option
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention on CPU (a train-step speed-up, BENCHMARKS.md): the same numbers and gradients as
+# `jax.nn.dot_product_attention`, which it replaced there.
+
+from fape_jax.models import layers  # noqa: E402
+
+
+@pytest.mark.parametrize("s_len,masked", [(36, False), (7, True)])
+def test_deferred_attention_matches_dot_product_attention(s_len, masked):
+  rng = np.random.default_rng(s_len)
+  q, k, v = (jnp.asarray(rng.normal(size=(3, 36 if i == 0 else s_len, 2, 8)).astype(np.float32))
+             for i in range(3))
+  mask = None
+  if masked:  # sample 1 keeps 3 tokens, sample 2 none (a uniform row, zeroed by `Attention`)
+    mask = jnp.asarray(np.arange(s_len)[None, :] < np.array([[s_len], [3], [0]]))
+  cot = jnp.asarray(rng.normal(size=q.shape).astype(np.float32))
+
+  def ref(q, k, v):
+    m = None if mask is None else mask[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=m, implementation="xla")
+
+  def new(q, k, v):
+    return layers._attention_deferred(q, k, v, mask)
+
+  np.testing.assert_allclose(new(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-6)
+  g_ref = jax.grad(lambda *a: jnp.sum(ref(*a) * cot), argnums=(0, 1, 2))(q, k, v)
+  g_new = jax.grad(lambda *a: jnp.sum(new(*a) * cot), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g_new, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  if jax.default_backend() == "cpu":
+    assert layers.attend(q, k, v, mask) is not None
+    np.testing.assert_array_equal(layers.attend(q, k, v, mask), new(q, k, v))

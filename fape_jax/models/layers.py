@@ -6,8 +6,8 @@ Flax path joined with dots *is* its diffusers state-dict name (`convert.py` only
 flattened row-major, exactly as diffusers flattens its NCHW maps after moving channels last.
 
 Parameters are always float32 (`param_dtype`); `dtype` is the compute dtype. Normalisation
-statistics and attention softmax run in float32 whatever `dtype` is (flax and
-`jax.nn.dot_product_attention` upcast internally).
+statistics and attention softmax run in float32 whatever `dtype` is (flax and `attend` upcast
+internally).
 
 Projections are always *called* (`self.to_q(x)`), never read as `.kernel` in a forward pass, so
 another module (the LoRA-MoE adapters) can replace `to_q`, `to_k`, `to_v`, `to_out[0]` and the
@@ -41,6 +41,13 @@ def call_maybe_remat(module: Callable[..., Any], *args: Any, remat: bool) -> Any
   if not remat:
     return module(*args)
   return nnx.remat(lambda m, *a: m(*a))(module, *args)
+
+
+def group_norm(norm: nnx.GroupNorm, x: Array, *, silu: bool = False) -> Array:
+  """`norm(x)`, then SiLU when `silu`: the one place the UNet normalises, so an implementation
+  can be swapped and timed (a fused custom-VJP version measured slower: bench/whatif.py)."""
+  y = norm(x)
+  return jax.nn.silu(y) if silu else y
 
 
 def timestep_embedding(timesteps: Array, dim: int, *, flip_sin_to_cos: bool,
@@ -99,10 +106,10 @@ class ResnetBlock2D(nnx.Module):
                           if in_channels != out_channels else None)
 
   def __call__(self, x: Array, temb: Array | None = None) -> Array:
-    h = self.conv1(jax.nn.silu(self.norm1(x)))
+    h = self.conv1(group_norm(self.norm1, x, silu=True))
     if self.time_emb_proj is not None and temb is not None:
       h = h + self.time_emb_proj(jax.nn.silu(temb))[:, None, None, :]
-    h = self.conv2(jax.nn.silu(self.norm2(h)))
+    h = self.conv2(group_norm(self.norm2, h, silu=True))
     if self.conv_shortcut is not None:
       x = self.conv_shortcut(x)
     out = x + h
@@ -147,8 +154,45 @@ class Upsample2D(nnx.Module):
     return self.conv(upsample_nearest(x, output_size))
 
 
+# jax.nn.dot_product_attention's fill for masked logits: exp() of it minus any real logit is 0.
+_MASKED_LOGIT = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _attention_deferred(q: Array, k: Array, v: Array, kv_mask: Array | None) -> Array:
+  """softmax(q k^T / sqrt(d)) v with the softmax's division after the value matmul.
+
+  q (B, T, N, D), k and v (B, S, N, D), kv_mask (B, S) bool; float32 logits and sums as
+  `jax.nn.dot_product_attention`'s XLA path, with the same masked fill, so a fully masked row
+  is uniform there too. Dividing the (B, T, N, D) result instead of the (B, N, T, S)
+  probabilities skips a pass over the score tensor forward and backward: 1-2.5 % of the base
+  config's train step on CPU (BENCHMARKS.md, `attention_deferred`).
+  """
+  logits = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32)
+  logits = logits * (1.0 / math.sqrt(q.shape[-1]))
+  if kv_mask is not None:
+    logits = jnp.where(kv_mask[:, None, None, :], logits, _MASKED_LOGIT)
+  # Any per-row shift gives the same result; the max keeps exp() finite. No gradient needed.
+  p = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+  total = jnp.sum(p, axis=-1)                                    # (B, N, T)
+  out = jnp.einsum("bnts,bsnd->btnd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return (out / jnp.swapaxes(total, 1, 2)[..., None]).astype(q.dtype)
+
+
+def attend(q: Array, k: Array, v: Array, kv_mask: Array | None,
+           implementation: str | None = None) -> Array:
+  """Multi-head attention of (B, T, N, D) queries over (B, S, N, D) keys/values.
+
+  `jax.nn.dot_product_attention` (cuDNN on GPUs when asked for), except with no implementation
+  asked for on CPU, where `_attention_deferred` computes the same numbers faster.
+  """
+  if implementation is None and jax.default_backend() == "cpu":
+    return _attention_deferred(q, k, v, kv_mask)
+  mask = None if kv_mask is None else kv_mask[:, None, None, :]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+
+
 class Attention(nnx.Module):
-  """diffusers' `Attention` with its default processor, through `jax.nn.dot_product_attention`.
+  """diffusers' `Attention` with its default processor, through `attend`.
 
   Self-attention when `context` is None, else cross-attention over `context` (B, K, C_ctx).
   `mask` (B, K) bool marks context tokens to keep; masked tokens get exactly zero weight, and a
@@ -157,7 +201,7 @@ class Attention(nnx.Module):
   The VAE variant (`norm_num_groups` set) takes NHWC maps, group-normalises them, adds the input
   back and divides by `rescale_output_factor`, as diffusers' deprecated-attention-block path does.
 
-  The logits and softmax are float32 for any compute dtype (jax upcasts them), which is what
+  The logits and softmax are float32 for any compute dtype (`attend` upcasts them), which is what
   diffusers' `upcast_attention` asks for; bfloat16 also has float32's exponent range, so the fp16
   overflow that flag guards against cannot happen here.
   """
@@ -196,9 +240,8 @@ class Attention(nnx.Module):
     k = self.to_k(ctx).astype(q.dtype)
     v = self.to_v(ctx).astype(q.dtype)
     split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, t.shape[2] // self.heads)
-    kv_mask = None if mask is None else mask.astype(bool)[:, None, None, :]
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v), mask=kv_mask,
-                                       implementation=self.attention_impl)
+    kv_mask = None if mask is None else mask.astype(bool)
+    out = attend(split(q), split(k), split(v), kv_mask, self.attention_impl)
     if mask is not None:
       out = jnp.where(jnp.any(mask.astype(bool), axis=-1)[:, None, None, None], out, 0)
     out = self.to_out[0](out.reshape(q.shape[0], q.shape[1], -1))
@@ -286,7 +329,7 @@ class Transformer2DModel(nnx.Module):
   def __call__(self, x: Array, context: Array, mask: Array | None = None) -> Array:
     b, h, w, c = x.shape
     residual = x
-    x = self.norm(x)
+    x = group_norm(self.norm, x)
     if self.use_linear_projection:
       x = self.proj_in(x.reshape(b, h * w, c))
     else:

@@ -31,6 +31,7 @@ from fape_jax.errors import FapeError
 from fape_jax.models import convert
 from fape_jax.models.layers import (Downsample2D, ResnetBlock2D, TimestepEmbedding,
                                     Transformer2DModel, Upsample2D, call_maybe_remat, conv,
+                                    group_norm,
                                     timestep_embedding)
 
 Array = jax.Array
@@ -469,7 +470,7 @@ class UNet2DConditionModel(nnx.Module):
                        if forward_size and i < len(self.up_blocks) - 1 else None)
       x = block(x, res, emb, context, mask, upsample_size, self.remat)
 
-    x = jax.nn.silu(self.conv_norm_out(x))
+    x = group_norm(self.conv_norm_out, x, silu=True)
     return self.conv_out(x)
 
 
