@@ -169,3 +169,24 @@ def test_checkpoints_save_and_restore_on_an_object_store(bucket):
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert epath.Path(f"{bucket}/run-ckpt/checkpoints/2/commit_success.txt").exists()
+
+
+def test_validation_sample_grid_on_an_object_store(bucket):
+  """The sample grid PNG goes through epath (PIL's own save opens local paths only)."""
+  import io  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from fape_jax import validation  # pylint: disable=g-import-not-at-top
+
+  workdir = epath.Path(f"{bucket}/run-samples")
+  shot = lambda v: np.full((8, 6, 3), v, np.uint8)
+  samples = {"denoise": [(shot(10), shot(20), shot(30), "img-1")],
+             "deblur": [(shot(40), shot(50), shot(60), "img-2")]}
+  log = run_log.RunLog(workdir)
+  path = workdir / "samples" / "step_0000003.png"
+  validation._write_sample_grid(path, samples, log, 3)  # pylint: disable=protected-access
+  log.close()
+  grid = np.asarray(Image.open(io.BytesIO(path.read_bytes())))
+  assert grid.shape == (16, 18, 3) and grid[0, 0, 0] == 10 and grid[8, 12, 0] == 60
+  rows = json.loads(path.with_suffix(".json").read_text())["rows"]
+  assert [r["id"] for r in rows] == ["img-1", "img-2"]
