@@ -19,10 +19,14 @@ writers racing on one object would not be caught here, and nothing here may rely
 """
 import json
 import logging
+import os
 import socket
 
 import pytest
 
+# gcsfs reads this once, on import: without it every new file system first asks the (absent)
+# storage-control API for the bucket's layout (60 s a try with credentials, a warning without).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 gcsfs = pytest.importorskip("gcsfs")
 emulator = pytest.importorskip("gcp_storage_emulator.server")
 pytest.importorskip("google.cloud.storage")
@@ -73,8 +77,7 @@ def start_emulator(bucket: str = BUCKET):
       "STORAGE_EMULATOR_HOST": url,  # gcsfs and google-cloud-storage
       "TENSORSTORE_GCS_HTTP_URL": url,  # TensorStore's GCS driver (Orbax's arrays)
       "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorStore: this token, no credential search
-      # gcsfs would first ask the (absent) storage-control API for the bucket's layout, 60 s a try.
-      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # see the top of this file
       "GOOGLE_CLOUD_PROJECT": "test",
       "NO_GCE_CHECK": "true",  # no metadata-server probe for credentials
   }
