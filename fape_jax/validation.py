@@ -228,7 +228,8 @@ def _write_sample_grid(path: epath.Path, samples: dict, log: run_log.RunLog, ste
   rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
   grid = np.concatenate(rows, axis=0)
   path.parent.mkdir(parents=True, exist_ok=True)
-  Image.fromarray(grid).save(str(path))
+  with path.open("wb") as f:  # through epath: a gs:// workdir too (PIL opens local paths only)
+    Image.fromarray(grid).save(f, format="PNG")
   plan = lambda i: plans.record(i)["text"] if plans is not None and i in plans else None
   path.with_suffix(".json").write_text(json.dumps(
       {"step": step, "columns": ["degraded", "restored", "clean"],

@@ -1,18 +1,32 @@
 """A gs:// workdir against a local GCS emulator (gcp-storage-emulator from PyPI on 127.0.0.1),
-through the same client code as a real bucket (etils.epath -> gcsfs; tensorboardX -> the GCS
-client), both pointed at it by STORAGE_EMULATOR_HOST. Skipped without the `cloud` extra and the
-emulator (`pip install -e ".[cloud]" gcp-storage-emulator`).
+through the same client code as a real bucket: etils.epath -> gcsfs and tensorboardX -> the GCS
+client (pointed at it by STORAGE_EMULATOR_HOST), Orbax -> TensorStore's own GCS driver (pointed at
+it by TENSORSTORE_GCS_HTTP_URL, with GOOGLE_AUTH_TOKEN_FOR_TESTING as its credentials). Skipped
+without the `cloud` extra and the emulator (both in the `dev` extra, so `make test` runs them).
 
 What is covered: the metrics log and resumes.jsonl (object stores cannot append: gcsfs silently
 overwrites, which lost all but the last line), config.json and the resume check, the shared-dir
-sentinel, the run lock's object-store path. Not covered here: Orbax checkpoints on gs:// (written
-by TensorStore's own GCS driver, which this emulator set-up does not reach).
+sentinel, the run lock's object-store path, and Orbax checkpoints (the project's Checkpointer:
+sharded arrays through TensorStore's OCDBT format) written and restored on gs://.
+tests/test_cluster_rehearsal.py runs a whole multi-process job on this emulator.
+
+The emulator's gaps: its media downloads carry no `x-goog-generation` header, which every GCS
+read has and TensorStore needs (OCDBT re-reads its manifest and rewrites it conditionally on that
+generation; without it the write fails with "Malformed StorageGeneration"). `start_emulator` adds
+that header. It does not enforce preconditions (ifGenerationMatch) or list offsets
+(startOffset/endOffset, which TensorStore's DeleteRange uses): writes are unconditional, so two
+writers racing on one object would not be caught here, and nothing here may rely on DeleteRange.
 """
 import json
+import logging
+import os
 import socket
 
 import pytest
 
+# gcsfs reads this once, on import: without it every new file system first asks the (absent)
+# storage-control API for the bucket's layout (60 s a try with credentials, a warning without).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 gcsfs = pytest.importorskip("gcsfs")
 emulator = pytest.importorskip("gcp_storage_emulator.server")
 pytest.importorskip("google.cloud.storage")
@@ -27,19 +41,55 @@ from fape_jax import run_log  # noqa: E402
 BUCKET = "fape-test"
 
 
-@pytest.fixture(scope="module")
-def bucket():
+def _add_generation_header() -> None:
+  """Media downloads answer with the object's generation, as GCS does (TensorStore reads it)."""
+  from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
+  if getattr(objects.download, "fape_generation_header", False):
+    return
+  plain = objects.download
+
+  def download(request, response, storage, *args, **kwargs):
+    plain(request, response, storage, *args, **kwargs)
+    if response.status.value in (200, 206):
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+      response["x-goog-generation"] = str(obj["generation"])
+      response["x-goog-metageneration"] = str(obj["metageneration"])
+
+  download.fape_generation_header = True
+  objects.download = download  # `objects.get` (?alt=media, TensorStore's reads) calls it by name
+
+
+def start_emulator(bucket: str = BUCKET):
+  """The emulator on a free 127.0.0.1 port, in a thread of this process, holding `bucket` in
+  memory. Returns (server, env): `env` points gcsfs, the GCS client and TensorStore at it, in
+  this process (set it) or in the processes it starts (pass it). `server.stop()` ends it."""
+  _add_generation_header()
+  logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # 404s are expected
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
+  server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
   server.start()
+  # A client that hangs up early (TensorStore after a short read) is no error worth a traceback.
+  server._api._httpd.handle_error = lambda request, address: None  # pylint: disable=protected-access
+  url = f"http://127.0.0.1:{port}"
+  env = {
+      "STORAGE_EMULATOR_HOST": url,  # gcsfs and google-cloud-storage
+      "TENSORSTORE_GCS_HTTP_URL": url,  # TensorStore's GCS driver (Orbax's arrays)
+      "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorStore: this token, no credential search
+      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # see the top of this file
+      "GOOGLE_CLOUD_PROJECT": "test",
+      "NO_GCE_CHECK": "true",  # no metadata-server probe for credentials
+  }
+  return server, env
+
+
+@pytest.fixture(scope="module")
+def bucket():
+  server, env = start_emulator()
   mp = pytest.MonkeyPatch()
-  mp.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-  # gcsfs would first ask the (absent) storage-control API for the bucket's layout, 60 s per try.
-  mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-  mp.setenv("GOOGLE_CLOUD_PROJECT", "test")
-  mp.setenv("NO_GCE_CHECK", "true")  # no metadata-server probe for credentials
+  for k, v in env.items():
+    mp.setenv(k, v)
   gcsfs.GCSFileSystem.clear_instance_cache()
   yield f"gs://{BUCKET}"
   # tensorboardX's gs:// writer uploads its whole buffer again when collected (its __del__, after
@@ -88,3 +138,58 @@ def test_the_shared_dir_sentinel_and_url_check_on_an_object_store(bucket):
   assert preflight.read_sentinel(workdir).startswith("no .fape_shared_check")
   (workdir / preflight.SENTINEL).write_text(preflight.sentinel_text("token"))
   assert preflight.read_sentinel(workdir).startswith("token written by process 0 on host ")
+
+
+def test_checkpoints_save_and_restore_on_an_object_store(bucket):
+  """Orbax through TensorStore's GCS driver: two steps of a sharded state, the newest restored."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from fape_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  rows = NamedSharding(mesh, P("data"))
+  # A sharded matrix and many small replicated leaves, like a train state: with that many,
+  # TensorStore commits OCDBT's manifest more than once, each time conditionally on the
+  # generation it read back (the emulator's gap, see the docstring).
+  def state(step):
+    return {"w": jax.device_put(np.arange(256 * 64, dtype=np.float32).reshape(256, 64) * step,
+                                rows),
+            "small": {f"b{i}": jax.device_put(np.full(16, i + step, np.float32),
+                                             NamedSharding(mesh, P())) for i in range(200)},
+            "step": jax.device_put(np.int32(step), NamedSharding(mesh, P()))}
+  ckpt = checkpoint.Checkpointer(f"{bucket}/run-ckpt/checkpoints", save_every=1, keep=2)
+  for step in (1, 2):
+    ckpt.save(step, state(step), force=True)
+  assert ckpt.all_steps() == [1, 2]
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                        state(0))
+  step, got = ckpt.restore(target)
+  ckpt.close()
+  assert step == 2
+  want = state(2)
+  assert got["w"].sharding == rows
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert epath.Path(f"{bucket}/run-ckpt/checkpoints/2/commit_success.txt").exists()
+
+
+def test_validation_sample_grid_on_an_object_store(bucket):
+  """The sample grid PNG goes through epath (PIL's own save opens local paths only)."""
+  import io  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from fape_jax import validation  # pylint: disable=g-import-not-at-top
+
+  workdir = epath.Path(f"{bucket}/run-samples")
+  shot = lambda v: np.full((8, 6, 3), v, np.uint8)
+  samples = {"denoise": [(shot(10), shot(20), shot(30), "img-1")],
+             "deblur": [(shot(40), shot(50), shot(60), "img-2")]}
+  log = run_log.RunLog(workdir)
+  path = workdir / "samples" / "step_0000003.png"
+  validation._write_sample_grid(path, samples, log, 3)  # pylint: disable=protected-access
+  log.close()
+  grid = np.asarray(Image.open(io.BytesIO(path.read_bytes())))
+  assert grid.shape == (16, 18, 3) and grid[0, 0, 0] == 10 and grid[8, 12, 0] == 60
+  rows = json.loads(path.with_suffix(".json").read_text())["rows"]
+  assert [r["id"] for r in rows] == ["img-1", "img-2"]

