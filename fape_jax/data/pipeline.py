@@ -14,9 +14,8 @@ where the checkpoint left off (`train_data.TrainStream`).
 
 With `task_batches=True` the shuffle is replaced by one-task batches (`TaskBatchOrder`): every
 global batch holds pairs of a single task, each cycle of T batches visits all T tasks once (in a
-shuffled order), and each task walks through its own reshuffled pairs. Mixed-task batches make the
-tasks' gradients cancel in one update; alternating one-task updates does not (README "Training
-objective" has the table).
+shuffled order), and each task walks through its own reshuffled pairs (`data.batching='task'`;
+README "What the embedded default trains on", Batching, has the runs that compare the two).
 
 Batches are dicts of numpy arrays:
   degraded, clean  float32 NHWC in [-1, 1]
