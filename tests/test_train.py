@@ -110,6 +110,29 @@ def test_restart_resumes_exactly(full_run, data_dir, tmp_path):
       np.testing.assert_allclose(got[step][k], want[step][k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
+def test_spent_wall_clock_budget_stops_after_one_step_checkpointed_and_validated(
+    full_run, data_dir, tmp_path):
+  """`max_wall_minutes`, the `make train` safety net on slow machines.
+
+  It counts from the start of the job, so a tiny budget is spent before the loop starts: one step
+  runs, is checkpointed (off the `ckpt_every` cadence) and validated, and the job returns
+  normally; the same command then resumes from that checkpoint.
+  """
+  workdir, _ = full_run
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(workdir, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
+  os.remove(os.path.join(resumed, "metrics.jsonl"))
+  table = train_lib.train_and_evaluate(tiny_config(data_dir, max_wall_minutes=1e-6), resumed)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(resumed, "checkpoints"), save_every=3, keep=3)
+  assert ckpt.all_steps() == [3, 4]
+  assert sorted(train_lines(resumed)) == [4]
+  np.testing.assert_allclose(train_lines(resumed)[4]["loss"], train_lines(workdir)[4]["loss"],
+                             rtol=1e-5)
+  saved = json.loads(open(os.path.join(resumed, "validation.json")).read())
+  assert saved["step"] == 4 and set(table) == set(TASKS)
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_previous(full_run, data_dir, tmp_path, caplog):
   workdir, _ = full_run
   broken = str(tmp_path / "broken")
