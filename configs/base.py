@@ -189,8 +189,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # 800 steps: ~6.7 min at the 15-16 images/s this config trains at on a 2-core Intel VM, which
   # with building the stores (~1.5 min, first run only) and compiling keeps `make train` under
-  # 10 minutes. A run cut short by the wall clock never finishes its cosine decay: size total_steps
-  # to the machine rather than relying on the cap.
+  # 10 minutes. On a machine half as fast the wall-clock budget below stops it early (step 225 on a
+  # 2-core AMD VM); a schedule sized to that (total_steps=225) was no better (README, "Two commands").
   c.total_steps = 800
   c.log_every = 25
   c.eval_every = 800
