@@ -13,10 +13,10 @@ checkpoint (benchmarks, baselines over whole sets) and includes the same trainin
 Exit code: 0 written, 2 usage error (no such run).
 """
 
-import os
 
 from absl import app
 from absl import flags
+from etils import epath
 
 from fape_jax import backend
 from fape_jax import errors
@@ -38,16 +38,15 @@ def main(argv):
     workdir = _WORKDIR.value
     if not workdir:
       raise FapeError("--workdir (the training run) is required.")
-    if not any(os.path.exists(os.path.join(workdir, f))
-               for f in ("metrics.jsonl", "validation.json")):
+    run = epath.Path(workdir)  # a local folder or a gs:// (any fsspec) run directory
+    if not any((run / f).exists() for f in ("metrics.jsonl", "validation.json")):
       raise FapeError(f"{workdir} holds no metrics.jsonl or validation.json: not a training run "
                       "(or one that has not logged a step yet).")
     from fape_jax import report_html  # pylint: disable=g-import-not-at-top
     from fape_jax import report_lib  # pylint: disable=g-import-not-at-top
-    out = _OUT.value or os.path.join(workdir, "report.html")
-    text = report_lib.training_report(workdir, report_html.command_line("fape_jax.report"))
-    with open(out, "w", encoding="utf-8") as f:
-      f.write(text)
+    out = epath.Path(_OUT.value) if _OUT.value else run / "report.html"
+    text = report_lib.training_report(run, report_html.command_line("fape_jax.report"))
+    out.write_text(text, encoding="utf-8")
   say(f"Wrote {out} ({len(text) / 1e6:.1f} MB).")
 
 

@@ -282,7 +282,8 @@ def sample_shots(png: epath.Path) -> dict[str, list[dict]] | None:
   side = read_json(png.with_suffix(".json"))
   if not side:
     return None
-  grid = np.asarray(Image.open(png).convert("RGB"))
+  with png.open("rb") as f:  # through epath: the run may live on gs://
+    grid = np.asarray(Image.open(f).convert("RGB"))
   shots, top = {}, 0
   for r in side["rows"]:
     h, w = r["height"], r["width"]
@@ -354,7 +355,8 @@ def training_report(workdir: str | os.PathLike, command: str | None = None) -> s
 
 def figure_png(path: epath.Path, caption: str) -> str:
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  image = np.asarray(Image.open(path).convert("RGB"))
+  with path.open("rb") as f:
+    image = np.asarray(Image.open(f).convert("RGB"))
   return (f"<figure>{img(figs.png_data_uri(image), alt=path.name, width=image.shape[1] * 2)}"
           f"<figcaption>{esc(caption)}</figcaption></figure>")
 

@@ -193,3 +193,35 @@ def test_validation_sample_grid_on_an_object_store(bucket):
   assert grid.shape == (16, 18, 3) and grid[0, 0, 0] == 10 and grid[8, 12, 0] == 60
   rows = json.loads(path.with_suffix(".json").read_text())["rows"]
   assert [r["id"] for r in rows] == ["img-1", "img-2"]
+
+
+def test_training_report_of_a_run_on_an_object_store(bucket):
+  """`fape_jax.report` reads a gs:// run (metrics, sample grid) and writes report.html there."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fape_jax import validation  # pylint: disable=g-import-not-at-top
+
+  workdir = epath.Path(f"{bucket}/run-report")
+  log = run_log.RunLog(workdir)
+  for step in (1, 2):
+    log.scalars(step, {"loss": 1.0 / step, "mse": 0.1, "images_per_s": 8.0})
+  samples = {"denoise": [(np.full((8, 6, 3), v, np.uint8), np.full((8, 6, 3), v + 5, np.uint8),
+                          np.full((8, 6, 3), v + 9, np.uint8), "img-1") for v in (10,)]}
+  validation._write_sample_grid(  # pylint: disable=protected-access
+      workdir / "samples" / "step_0000002.png", samples, log, 2)
+  log.close()
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "fape_jax.report", f"--workdir={workdir}"],
+                        cwd=repo, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  html = (workdir / "report.html").read_text()
+  assert "Validation samples (step_0000002)" in html and str(workdir) in html
+  # Not a run at all: one clear error, nothing written.
+  empty = epath.Path(f"{bucket}/not-a-run")
+  proc = subprocess.run([sys.executable, "-m", "fape_jax.report", f"--workdir={empty}"],
+                        cwd=repo, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2 and "not a training run" in proc.stderr
+  assert not (empty / "report.html").exists()
