@@ -13,7 +13,6 @@ checkpoint (benchmarks, baselines over whole sets) and includes the same trainin
 Exit code: 0 written, 2 usage error (no such run).
 """
 
-
 from absl import app
 from absl import flags
 from etils import epath

@@ -206,22 +206,21 @@ def test_training_report_of_a_run_on_an_object_store(bucket):
   log = run_log.RunLog(workdir)
   for step in (1, 2):
     log.scalars(step, {"loss": 1.0 / step, "mse": 0.1, "images_per_s": 8.0})
-  samples = {"denoise": [(np.full((8, 6, 3), v, np.uint8), np.full((8, 6, 3), v + 5, np.uint8),
-                          np.full((8, 6, 3), v + 9, np.uint8), "img-1") for v in (10,)]}
+  shot = lambda v: np.full((8, 6, 3), v, np.uint8)
+  samples = {"denoise": [(shot(10), shot(15), shot(19), "img-1")]}
   validation._write_sample_grid(  # pylint: disable=protected-access
       workdir / "samples" / "step_0000002.png", samples, log, 2)
   log.close()
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, "-m", "fape_jax.report", f"--workdir={workdir}"],
-                        cwd=repo, capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  report = lambda run: subprocess.run(
+      [sys.executable, "-m", "fape_jax.report", f"--workdir={run}"], cwd=repo,
+      capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  proc = report(workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   html = (workdir / "report.html").read_text()
   assert "Validation samples (step_0000002)" in html and str(workdir) in html
   # Not a run at all: one clear error, nothing written.
   empty = epath.Path(f"{bucket}/not-a-run")
-  proc = subprocess.run([sys.executable, "-m", "fape_jax.report", f"--workdir={empty}"],
-                        cwd=repo, capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  proc = report(empty)
   assert proc.returncode == 2 and "not a training run" in proc.stderr
   assert not (empty / "report.html").exists()
