@@ -213,6 +213,11 @@ def test_markdown_from_a_hand_made_json():
   note = next(l for l in lines if l.startswith("Full model vs each variant"))
   assert "within the spread (not told apart from seed noise): `no_freq_loss` -0.04 (spread " \
          "0.10); beyond it: `dense` -0.80 (spread 0.10)." in note
+  # A result marked stale says so at the top; an unmarked one does not.
+  assert not any("STALE" in l for l in lines)
+  stale = dict(hand_made_result(), stale="the default batching changed")
+  stale_lines = ablate_lib.render_markdown(stale).splitlines()
+  assert stale_lines[4] == "**STALE: the default batching changed**"
   assert "max - min over seeds" in text and "seeds 0, 1" in text
   assert "Steps: 100 per run, 6 runs (3 variant(s) x 2 seed(s): 0, 1)" in text
   assert "Command: `.venv/bin/python -m fape_jax.ablate x`" in lines
