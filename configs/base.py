@@ -175,11 +175,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim = ml_collections.ConfigDict()
   c.optim.g = ml_collections.ConfigDict(dict(
       name="prodigy", lr=1.0, b1=0.9, b2=0.99, weight_decay=0.01, schedule="cosine",
-      warmup_steps=0))
+      warmup_steps=0, estim_lr0=1e-6))  # Prodigy's initial step size (its d_0)
   c.optim.d = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-4, b1=0.5, b2=0.999, weight_decay=0.0, schedule="cosine",
       warmup_steps=0))
   c.optim.clip_norm = 1.0
+  # >0: validation, restore, evaluate and export use an exponential moving average of the
+  # generator's trainable weights with this decay (model_state.update_ema); 0: the raw weights.
+  # Off here: at the 225 steps a slow machine reaches, 0.999 helped one seed and hurt the other
+  # by as much (README, Objective).
+  c.optim.ema_decay = 0.0
   # True (needs data.batching='task'): one generator optimiser state per task, so a task's
   # moments and Prodigy step size are not set by the others' gradients. Off: at 800 steps it made
   # four tasks worse than their input (README, Batching).

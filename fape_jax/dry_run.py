@@ -168,6 +168,9 @@ def dry_run(config) -> str:
        _per_device_bytes(abstract["gen"]["frozen"], sh["gen"]["frozen"], mesh)),
       ("generator optimiser state", count(abstract["gen"]["opt"]),
        _per_device_bytes(abstract["gen"]["opt"], sh["gen"]["opt"], mesh)),
+      *([("generator weight average (EMA)", count(abstract["gen"]["ema"]),
+          _per_device_bytes(abstract["gen"]["ema"], sh["gen"]["ema"], mesh))]
+        if "ema" in abstract["gen"] else []),
       ("discriminator params + state", count(abstract["disc"]["params"]) +
        count(abstract["disc"]["rest"]),
        _per_device_bytes(abstract["disc"]["params"], sh["disc"]["params"], mesh) +

@@ -103,7 +103,8 @@ def make_optimizer(cfg, clip_norm: float, total_steps: int) -> optax.GradientTra
   """One optimiser from a `config.optim.g` / `config.optim.d` block."""
   sched = _schedule(cfg, total_steps)
   if cfg.name == "prodigy":
-    opt = optax.contrib.prodigy(sched, betas=(cfg.b1, cfg.b2), weight_decay=cfg.weight_decay)
+    opt = optax.contrib.prodigy(sched, betas=(cfg.b1, cfg.b2), weight_decay=cfg.weight_decay,
+                                estim_lr0=cfg.get("estim_lr0", 1e-6))
   elif cfg.name == "adamw":
     opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
   else:
@@ -163,11 +164,35 @@ def _init_state(config, models_out: list | None = None):
   g_opt = g_tx.init(gparams)
   if config.optim.get("per_task_state", False):
     g_opt = jax.tree.map(lambda x: jnp.stack([x] * TASK_SLOTS), g_opt)
+  gen = {"params": gparams, "frozen": gfrozen, "opt": g_opt}
+  if config.optim.get("ema_decay", 0.0):
+    gen["ema"] = jax.tree.map(jnp.copy, gparams)
   return {
       "step": jnp.zeros((), jnp.int32),
-      "gen": {"params": gparams, "frozen": gfrozen, "opt": g_opt},
+      "gen": gen,
       "disc": {"params": dparams, "rest": drest, "opt": d_tx.init(dparams)},
   }
+
+
+# `optim.ema_decay` > 0: the state also holds an exponential moving average of the generator's
+# trainable weights, and validation, restore, evaluate and export use it. Kept by hand rather
+# than with optax.ema, which stores the zero-initialised (biased) average: this one is usable
+# weights at every step, so every reader takes it as it is. The decay ramps up as in
+# tf.train.ExponentialMovingAverage(num_updates=step), so early averages do not drag in the
+# initial weights.
+def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
+  step = step.astype(jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def update_ema(ema, params, step: jax.Array, decay: float):
+  d = ema_decay_at(step, decay)
+  return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+
+
+def inference_params(state):
+  """The generator weights to restore with: the moving average when the run keeps one."""
+  return state["gen"]["ema"] if "ema" in state["gen"] else state["gen"]["params"]
 
 
 def abstract_state(config):
@@ -192,6 +217,8 @@ def state_shardings(abstract, mesh, config):
         okey: shard_lib.tree_shardings_like(abstract[part][okey], abstract[part][pkey],
                                             params_sh, mesh),
     }
+    if "ema" in abstract[part]:
+      out[part]["ema"] = params_sh
   return out
 
 
@@ -285,6 +312,13 @@ def init_from_pretrained(state, shardings, config):
     distributed.say(f"Loaded pretrained {prefix} weights from {folder} ({len(used)} tensors).")
   state["gen"]["params"] = nnx.from_flat_state(new["params"])
   state["gen"]["frozen"] = nnx.from_flat_state(new["frozen"])
+  return _restart_ema(state)
+
+
+def _restart_ema(state):
+  """The moving average starts from the weights just loaded, not from the random init."""
+  if "ema" in state["gen"]:
+    state["gen"]["ema"] = jax.tree.map(jnp.copy, state["gen"]["params"])
   return state
 
 
@@ -311,4 +345,4 @@ def _init_adapters_from(state, shardings, path: epath.Path):
                     f"model, e.g. {sorted(loaded)[:5]}; was it exported from the same config?")
   state["gen"]["params"] = nnx.from_flat_state(flat)
   distributed.say(f"Loaded adapters from {path}.")
-  return state
+  return _restart_ema(state)

@@ -127,7 +127,7 @@ def _restore_state(config, mesh, workdir: epath.Path, step: int | None):
     full, full_sh, _ = model_state.create_state(config, mesh)
     full = model_state.init_from_pretrained(full, full_sh, config)
     state["gen"]["frozen"] = full["gen"]["frozen"]
-  return int(got), state["gen"]["params"], state["gen"]["frozen"], models
+  return int(got), model_state.inference_params(state), state["gen"]["frozen"], models
 
 
 # ----------------------------------------------------------------------------------------------

@@ -109,11 +109,11 @@ def train_step(state, batch, lpips_state, *, models: Models, config, lpips_def):
 
   disc_state, d_metrics = jax.lax.cond(step % config.optim.d_every == 0, d_update, d_skip,
                                        state["disc"])
-  new_state = {
-      "step": step + 1,
-      "gen": {"params": gparams, "frozen": state["gen"]["frozen"], "opt": g_opt},
-      "disc": disc_state,
-  }
+  new_gen = {"params": gparams, "frozen": state["gen"]["frozen"], "opt": g_opt}
+  if "ema" in state["gen"]:
+    new_gen["ema"] = model_state.update_ema(state["gen"]["ema"], gparams, step,
+                                            config.optim.ema_decay)
+  new_state = {"step": step + 1, "gen": new_gen, "disc": disc_state}
   metrics = {**g_metrics, **d_metrics, "g_grad_norm": optax.tree.norm(g_grads)}
   if "index" in batch:
     # Fingerprint of the data order (sum of the global batch's stream positions): a resumed or

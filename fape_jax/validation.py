@@ -22,6 +22,7 @@ from etils import epath
 
 from fape_jax import distributed
 from fape_jax import metrics as metrics_lib
+from fape_jax import model_state
 from fape_jax import run_log
 from fape_jax import sharding as shard_lib
 from fape_jax import tasks as tasks_lib
@@ -48,7 +49,7 @@ def restore_batches(state, eval_fn, batches, batch_sharding, data_axes):
   """
   mesh = batch_sharding.mesh
   for host in batches:
-    restored, routing = eval_fn(state["gen"]["params"], state["gen"]["frozen"],
+    restored, routing = eval_fn(model_state.inference_params(state), state["gen"]["frozen"],
                                 shard_lib.global_batch(host, batch_sharding))
     yield host, _local_rows(restored, mesh, data_axes), jax.tree.map(
         lambda r: _local_rows(r, mesh, data_axes), routing)

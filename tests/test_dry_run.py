@@ -28,8 +28,9 @@ SD21_UNET_VAE = 865_910_724 + 83_653_863
 def dry_run():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  # With a weight average (optim.ema_decay), so the table shows its row too.
   cmd = [sys.executable, "-m", "fape_jax.train", "--config=configs/base.py:sd21", "--dry_run",
-         "--config.mesh.shape=(-1,8)"]
+         "--config.mesh.shape=(-1,8)", "--config.optim.ema_decay=0.9999"]
   start = time.monotonic()
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   elapsed = time.monotonic() - start
@@ -59,8 +60,8 @@ def test_table_is_printed_for_the_named_mesh(dry_run):
   assert "compute bfloat16" in header
   assert set(rows) >= {
       "generator trainable params", "generator frozen params", "generator optimiser state",
-      "discriminator params + state", "discriminator optimiser state",
-      "params + optimiser (total)", "activations, discriminator update",
+      "generator weight average (EMA)", "discriminator params + state",
+      "discriminator optimiser state", "params + optimiser (total)", "activations, discriminator update",
       "activations, remat off", "=> estimated peak, remat off",
       "activations, remat on", "=> estimated peak, remat on"}, stdout
   assert "not counted" in stdout  # says what the estimate leaves out
@@ -84,8 +85,11 @@ def test_parameter_and_optimiser_bytes_follow_the_shardings(dry_run):
   # Prodigy keeps ~4 float32 copies of the trainable parameters, replicated like them.
   assert 3.9 * trainable < opt < 4.1 * trainable
   assert opt_gib == pytest.approx(opt * 4 / GIB, abs=1e-3)
+  # The weight average is one more copy of the trainable weights, sharded like them.
+  assert rows["generator weight average (EMA)"] == (trainable, trainable_gib)
   static = sum(rows[k][1] for k in ("generator trainable params", "generator frozen params",
-                                    "generator optimiser state", "discriminator params + state",
+                                    "generator optimiser state", "generator weight average (EMA)",
+                                    "discriminator params + state",
                                     "discriminator optimiser state"))
   assert rows["params + optimiser (total)"][1] == pytest.approx(static, abs=2e-3)
   assert 0.4 < static < 1.0

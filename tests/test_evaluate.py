@@ -25,33 +25,15 @@ from PIL import Image
 
 from configs import base
 from fape_jax import baselines as baselines_lib
-from fape_jax import checkpoint as ckpt_lib
 from fape_jax import evaluate_lib
 from fape_jax import metrics as metrics_lib
 from fape_jax import restore_lib
-from fape_jax import sharding as shard_lib
-from fape_jax import model_state
 from fape_jax import report_lib
 from fape_jax.data import degrade
 from fape_jax.errors import FapeError
 from fape_jax.models import lpips as lpips_lib
 from fape_jax.tasks import TASKS
-
-
-def write_identity_run(workdir, data_dir):
-  """A run directory as training leaves it (config.json, checkpoint), identity executor, step 0."""
-  cfg = base.get_config("tiny")
-  cfg.data.data_dir = str(data_dir)
-  mesh = shard_lib.make_mesh(cfg.mesh.axes, (1, 1), jax.devices()[:1])
-  state, _, _ = model_state.create_state(cfg, mesh)
-  state["gen"]["params"] = nnx.from_flat_state([
-      (p, v.replace(v.get_value() * 0) if p[:2] == ("unet", "conv_out") else v)
-      for p, v in nnx.to_flat_state(state["gen"]["params"])])
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=1)
-  ckpt.save(0, state, force=True)
-  ckpt.close()
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+from test_restore import write_identity_run  # pylint: disable=wrong-import-order
 
 
 def rain_folder(root):

@@ -24,6 +24,7 @@ def setup():
   c.model.residual = False
   c.data.batch_size = 8
   c.optim.per_task_state = True  # one optimiser state per task; the batch below is one task's
+  c.optim.ema_decay = 0.999      # the state keeps a moving average of the trainable weights
   mesh = shard_lib.make_mesh(c.mesh.axes, c.mesh.shape)
   state, shardings, models = model_state.create_state(c, mesh)
   bsh = shard_lib.batch_sharding(mesh, c.data_axes)
@@ -66,9 +67,21 @@ def test_one_step_runs_without_recompiling_and_keeps_the_base_frozen(setup):
   frozen_before = jax.device_get(state["gen"]["frozen"])
   opt_before = jax.device_get(state["gen"]["opt"])
   params_before = jax.device_get(state["gen"]["params"])
+  assert all(np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(params_before), jax.tree.leaves(jax.device_get(state["gen"]["ema"]))))
   state, metrics = step(state, batch)
+  params_mid = jax.device_get(state["gen"]["params"])
   state, metrics = step(state, batch)  # compiled ahead of time: never traced again
   assert step.compiled is not None and step.compile_seconds > 0
+  # The moving average after steps 0 and 1, with the ramped decays min(0.999, (1 + s) / (10 + s)):
+  # 0.1, then 2/11 (the early weights fade fast) ...
+  params_after = jax.device_get(state["gen"]["params"])
+  for p0, p1, p2, e in zip(*map(jax.tree.leaves, (params_before, params_mid, params_after,
+                                                   jax.device_get(state["gen"]["ema"])))):
+    want = 2 / 11 * (0.1 * p0 + 0.9 * p1) + 9 / 11 * p2
+    np.testing.assert_allclose(e, want, rtol=1e-6, atol=1e-7)
+  # ... and it is what validation, restore and export read.
+  assert model_state.inference_params(state) is state["gen"]["ema"]
   assert np.isfinite(float(metrics["loss"]))
   assert int(state["step"]) == 2
   frozen_after = jax.device_get(state["gen"]["frozen"])
@@ -88,6 +101,7 @@ def test_one_step_runs_without_recompiling_and_keeps_the_base_frozen(setup):
   # The state keeps its shardings through the donated step.
   assert state["gen"]["frozen"]["unet"]["conv_in"]["kernel"].get_value().sharding.spec == \
       P(None, None, None, "fsdp")
+  assert specs(state["gen"]["ema"]) == specs(state["gen"]["params"])
   # A batch of another shape is refused by the compiled step instead of silently recompiling.
   with pytest.raises((TypeError, ValueError)):
     step(state, {k: v[:, :16, :16] if v.ndim == 4 else v for k, v in batch.items()})
@@ -100,6 +114,7 @@ def test_init_from_exported_adapters_loads_them_and_rejects_other_shapes(tmp_pat
   c = base.get_config("tiny")
   c.train_base_unet = False
   c.allow_random_base = True     # no pretrained weights in tests
+  c.optim.ema_decay = 0.999
   mesh = shard_lib.make_mesh(("data", "fsdp"), (2, 4))
   state, shardings, models = model_state.create_state(c, mesh)
   gen = nnx.merge(models.gen_def, state["gen"]["params"], state["gen"]["frozen"])
@@ -113,8 +128,11 @@ def test_init_from_exported_adapters_loads_them_and_rejects_other_shapes(tmp_pat
   got = {path_str(p): np.asarray(v.get_value())
          for p, v in nnx.to_flat_state(loaded["gen"]["params"])}
   assert got.keys() >= shifted.keys()
+  averaged = {path_str(p): np.asarray(v.get_value())
+              for p, v in nnx.to_flat_state(loaded["gen"]["ema"])}
   for k, v in shifted.items():
     np.testing.assert_array_equal(got[k], v)
+    np.testing.assert_array_equal(averaged[k], v)  # the average starts from the loaded weights
   # A tensor of another shape is named in a FapeError, not left to fail inside jit.
   name = sorted(shifted)[0]
   shifted[name] = np.zeros(shifted[name].shape + (2,), np.float32)
