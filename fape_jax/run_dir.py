@@ -44,6 +44,10 @@ RESUMABLE = frozenset({
 # change when those are set (the data position is kept in examples: `checkpoint`).
 PER_SHARD = {"data.batch_size": "data.batch_size_per_shard",
              "data.eval_batch_size": "data.eval_batch_size_per_shard"}
+# Fields added to the configs after runs were written with them absent, each with the value that
+# does what the code did before the field existed: a run started before them resumes when the
+# new config holds that value (any other value is a change like any other).
+ADDED_FIELDS = {"optim.ema_decay": 0.0, "optim.g.estim_lr0": 1e-6}
 
 
 def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
@@ -75,6 +79,8 @@ def check_resume(workdir: epath.Path, config) -> dict[str, tuple[Any, Any]]:
     raise FapeError(f"{path} is not valid JSON ({e}); this run directory was not written by "
                     "fape_jax.train. Use another --workdir.") from None
   changes = config_changes(old, json.loads(_config_json(config)))
+  changes = {k: (a, b) for k, (a, b) in changes.items()
+             if not (a is None and k in ADDED_FIELDS and b == ADDED_FIELDS[k])}
   per_shard = {k for k, f in PER_SHARD.items()
                if distributed.flatten_dotted(old).get(f) and config.data.get(f.split(".")[1])}
   refused = {k: v for k, v in changes.items() if k not in RESUMABLE | per_shard}
