@@ -94,7 +94,7 @@ def must_not_train(c, workdir):
   raise AssertionError(f"retrained {workdir}")
 
 
-def test_runner_trains_each_variant_and_seed_once_at_equal_budget(tmp_path):
+def test_runner_trains_each_variant_and_seed_once_at_equal_budget(tmp_path, monkeypatch):
   cfg = base.get_config("tiny")
   cfg.total_steps = 3  # a --config.total_steps override: every run gets it
   cfg.max_wall_minutes = 5.0  # forced off: the budget is steps, not the machine's speed
@@ -144,18 +144,28 @@ def test_runner_trains_each_variant_and_seed_once_at_equal_budget(tmp_path):
   again = ablate_lib.run_ablation(cfg, tmp_path, train_fn=must_not_train)
   assert again["rows"] == result["rows"] and again["runs"] == result["runs"]
 
-  # Checkpoints complete but the result lost (killed in between): validated, not retrained.
-  os.remove(tmp_path / "dense" / "seed_0" / ablate_lib.RESULT_FILE)
+  # Checkpoints complete but the result lost (killed in between, or a config field added since):
+  # not retrained; the table is training's own final validation (validation.json), the same
+  # measurement as every other run's, and only without it is the run validated again.
   evaluated = []
 
   def validate(workdir, limit):
     evaluated.append((os.fspath(workdir), limit))
-    return fake_table(0.25)
+    return fake_table(0.3)
 
-  again = ablate_lib.run_ablation(cfg, tmp_path, ["dense", "full"], "0",
-                                  train_fn=lambda c, w: {}, evaluate_fn=validate)
-  assert evaluated == [(os.fspath(tmp_path / "dense" / "seed_0"), cfg.num_eval_images)]
-  assert [r["variant"] for r in again["rows"]] == ["full", "dense"] and again["seeds"] == [0]
+  dense0 = tmp_path / "dense" / "seed_0"
+  for validated_step in (3, 2):  # 2: the newest checkpoint (step 3) was never validated
+    os.remove(dense0 / ablate_lib.RESULT_FILE)
+    saved = json.loads((dense0 / "validation.json").read_text())
+    (dense0 / "validation.json").write_text(json.dumps(saved | {"step": validated_step}))
+    monkeypatch.setattr(ablate_lib, "steps_run", lambda vdir: 3)  # the newest checkpoint
+    again = ablate_lib.run_ablation(cfg, tmp_path, ["dense", "full"], "0",
+                                    train_fn=lambda c, w: {}, evaluate_fn=validate)
+    assert [r["variant"] for r in again["rows"]] == ["full", "dense"] and again["seeds"] == [0]
+    dense = next(r for r in again["runs"] if r["variant"] == "dense")
+    assert dense["table"] == fake_table(0.25 if validated_step == 3 else 0.3)
+  assert evaluated == [(os.fspath(dense0), cfg.num_eval_images)]
+  monkeypatch.undo()
 
   # A longer budget: the finished runs are not finished any more, and resume.
   cfg.total_steps, cfg.stop_after = 4, 0
