@@ -234,14 +234,24 @@ def restore(r: dict) -> list[str]:
                f"Tiling: {r['tiling']}.")
   lines.append("")
   rows = []
+  jax_latency = {}
+  for e in r["executor"]:
+    if e.get("framework", "jax") == "jax" and e.get("latency_s"):
+      jax_latency[(e["size"], e["mode"])] = e["latency_s"]
   for e in r["executor"]:
     xm = e.get("xla_memory") or {}
     note = e.get("skipped") or e.get("error") or ""
-    rows.append([f"{e['size']}^2", e["mode"], e.get("tiles"),
-                 str(e.get("executor_call_shape", "")), e.get("latency_s"), e.get("compile_s"),
+    framework = e.get("framework", "jax")
+    ratio = None  # PyTorch latency / JAX latency: > 1 means JAX is faster
+    if framework == "torch" and e.get("latency_s") and (e["size"], e["mode"]) in jax_latency:
+      ratio = e["latency_s"] / jax_latency[(e["size"], e["mode"])]
+    rows.append([f"{e['size']}^2", e["mode"], framework, e.get("tiles"),
+                 str(e.get("executor_call_shape", "")), e.get("latency_s"),
+                 e.get("first_image_s"), e.get("compile_s"), ratio,
                  _mib(e.get("max_rss_bytes")), _mib(xm.get("temp_size_in_bytes")),
                  _mib(e.get("device_peak_bytes")), note])
-  lines += _table(["image", "mode", "tiles", "call shape", "latency s", "compile s",
+  lines += _table(["image", "mode", "framework", "tiles", "call shape", "latency s",
+                   "first image s (compile incl.)", "compile s", "torch / jax latency",
                    "max RSS MiB", "XLA temp MiB", "device peak MiB", "note"], rows)
   p = r.get("planning") or {}
   if "per_size" in p:

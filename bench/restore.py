@@ -18,11 +18,19 @@ GPU/TPU, the device's `peak_bytes_in_use` are reported beside it. A whole-image 
 planned temporaries exceed --max_temp_gb is compiled but not run (its plan is still reported).
 Planning (the rule planner's pixel hints + the plan encoder) is timed per image separately, in
 the parent process, since it runs on the host in PyTorch/NumPy, not in the compiled executor.
+
+With --torch (the default), every (size, mode) is also run by the PyTorch reference executor
+(bench/torch_reference.py: diffusers' UNet + the same two-expert LoRA, eager, inference mode,
+the same thread count) through the same tiling code, in its own subprocess. Each row gives the
+latency with the compile excluded (median of --repeats images after a warm-up) and the first
+image's latency with it included (JAX: lowering + compiling + the first call; PyTorch eager has
+nothing to compile, its first call is its warm-up).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -66,7 +74,7 @@ def _worker(config, size: int, mode: str) -> dict[str, Any]:
   from inputs import random_batch  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
-  out: dict[str, Any] = {"size": size, "mode": mode}
+  out: dict[str, Any] = {"size": size, "mode": mode, "framework": "jax"}
   # One device: latency per image, not throughput over a data-parallel mesh.
   mesh = shard_lib.make_mesh(config.mesh.axes, [1] * len(config.mesh.axes), jax.devices()[:1])
   t0 = time.perf_counter()
@@ -84,7 +92,7 @@ def _worker(config, size: int, mode: str) -> dict[str, Any]:
   side = tile if mode == "tiled" else -(-size // multiple) * multiple
   example = random_batch(config, batch_size=rows, size=side)
   example = {k: v for k, v in example.items() if k in ("degraded", "plan_tokens", "plan_mask")}
-  t0 = time.perf_counter()
+  t_first = t0 = time.perf_counter()
   compiled = eval_step.lower(gen_params, gen_frozen, jax.device_put(example, bsh)).compile()
   out["compile_s"] = time.perf_counter() - t0
   out["xla_memory"] = measure.memory_analysis(compiled)
@@ -107,9 +115,25 @@ def _worker(config, size: int, mode: str) -> dict[str, Any]:
     restored, _ = compiled(gen_params, gen_frozen, jax.device_put(batch, bsh))
     return np.asarray(restored)
 
+  _time_restores(out, call, size, mode, tile, overlap, multiple, t_first)
+  out["max_rss_bytes"] = measure.max_rss_bytes()
+  stats = jax.local_devices()[0].memory_stats()
+  out["device_peak_bytes"] = (int(stats["peak_bytes_in_use"])
+                              if stats and "peak_bytes_in_use" in stats else None)
+  return out
+
+
+def _time_restores(out: dict, call, size: int, mode: str, tile: int, overlap: int,
+                   multiple: int, t_first: float) -> None:
+  """Times restoring one random image with `call` (tiles or the padded whole image -> output).
+
+  `t_first`: when this framework's preparation for the call (compiling) started; the warm-up
+  image ends the first-image latency.
+  """
+  from fape_jax import tiling  # pylint: disable=g-import-not-at-top
   image = np.random.default_rng(0).uniform(-1, 1, (size, size, 3)).astype(np.float32)
   if mode == "whole":
-    pad = side - size
+    pad = -(-size // multiple) * multiple - size
     run = lambda: call(np.pad(image, ((0, pad), (0, pad), (0, 0)), mode="reflect")[None])  # noqa: E731
     out["tiles"] = 1
   else:
@@ -118,14 +142,49 @@ def _worker(config, size: int, mode: str) -> dict[str, Any]:
     starts = len(tiling.tile_starts(-(-size // multiple) * multiple, tile, overlap))
     out["tiles"] = starts * starts
   run()  # warm-up
+  out["first_image_s"] = time.perf_counter() - t_first
   times = measure.time_calls(run, FLAGS.repeats)
   out["latency_s"] = measure.median(times)
   out["latency_calls_s"] = times
   out["load_average"] = measure.load_average()
+
+
+def _torch_worker(config, size: int, mode: str) -> dict[str, Any]:
+  """The same measurement for the PyTorch reference executor (eager, inference mode)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  from inputs import random_batch  # pylint: disable=g-import-not-at-top
+
+  out: dict[str, Any] = {"size": size, "mode": mode, "framework": "torch"}
+  torch_reference.set_threads(FLAGS.torch_threads or os.cpu_count() or 1)
+  torch.manual_seed(config.seed)
+  t0 = time.perf_counter()
+  model = torch_reference.TorchExecutor(config).eval()
+  model.ctx.want_freq = False
+  out["init_s"] = time.perf_counter() - t0
+  out["rss_after_init_bytes"] = measure.max_rss_bytes()
+  multiple = model.multiple
+  tile, overlap = tiling_for(config, multiple)
+  out["tile"], out["overlap"] = tile, overlap
+  rows = FLAGS.tile_batch if mode == "tiled" else 1
+  side = tile if mode == "tiled" else -(-size // multiple) * multiple
+  out["executor_call_shape"] = [rows, side, side, 3]
+  example = random_batch(config, batch_size=rows, size=side)
+  tokens, mask = example.get("plan_tokens"), example.get("plan_mask")
+  if tokens is None:  # the reference executor always takes plans; no plans = none valid
+    tokens = np.zeros((rows, 1, int(config.plans.dim)), np.float32)
+    mask = np.zeros((rows, 1), bool)
+
+  def call(tiles: np.ndarray) -> np.ndarray:
+    n = tiles.shape[0]
+    x = torch.from_numpy(np.ascontiguousarray(tiles.astype(np.float32).transpose(0, 3, 1, 2)))
+    with torch.inference_mode():
+      restored, _ = model(x, torch.from_numpy(tokens[:1].repeat(n, 0)),
+                          torch.from_numpy(mask[:1].repeat(n, 0)))
+    return restored.clamp(-1.0, 1.0).numpy().transpose(0, 2, 3, 1)
+
+  _time_restores(out, call, size, mode, tile, overlap, multiple, time.perf_counter())
   out["max_rss_bytes"] = measure.max_rss_bytes()
-  stats = jax.local_devices()[0].memory_stats()
-  out["device_peak_bytes"] = (int(stats["peak_bytes_in_use"])
-                              if stats and "peak_bytes_in_use" in stats else None)
   return out
 
 
@@ -182,8 +241,9 @@ def main(argv):
   del argv
   config = FLAGS.config
   if FLAGS.worker:
-    size, mode = FLAGS.worker.split(":")
-    print(json.dumps(_worker(config, int(size), mode)), flush=True)
+    size, mode, framework = (FLAGS.worker.split(":") + ["jax"])[:3]
+    worker = _torch_worker if framework == "torch" else _worker
+    print(json.dumps(worker(config, int(size), mode)), flush=True)
     return
   machine = measure.machine_info()  # date and load at the start
   sizes = [int(s) for s in FLAGS.sizes]
@@ -191,20 +251,24 @@ def main(argv):
   results = []
   # The tile only decides which sizes get a tiled run; the CLI default is at most the crop size.
   tile_bound = FLAGS.tile or int(config.data.crop or 256)
+  frameworks = ["jax", "torch"] if FLAGS.torch else ["jax"]
   for size, mode in restore_jobs(sizes, whole_max=FLAGS.whole_max, tile=tile_bound):
-    measure.say(f"restore {size}^2 {mode} (subprocess) ...")
-    proc = subprocess.run([sys.executable, __file__, *passthrough, f"--worker={size}:{mode}"],
-                          capture_output=True, text=True, check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode or not lines:
-      tail = (proc.stderr or "").strip().splitlines()[-3:]
-      results.append({"size": size, "mode": mode, "error": f"exit {proc.returncode}: {tail}"})
-    else:
-      results.append(json.loads(lines[-1]))
-    r = results[-1]
-    measure.say(f"  latency {r.get('latency_s')} s, max RSS "
-                f"{(r.get('max_rss_bytes') or 0) / 2 ** 20:.0f} MiB {r.get('skipped', '')}"
-                f"{r.get('error', '')}")
+    for framework in frameworks:
+      measure.say(f"restore {size}^2 {mode}, {framework} (subprocess) ...")
+      proc = subprocess.run([sys.executable, __file__, *passthrough,
+                             f"--worker={size}:{mode}:{framework}"],
+                            capture_output=True, text=True, check=False)
+      lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+      if proc.returncode or not lines:
+        tail = (proc.stderr or "").strip().splitlines()[-3:]
+        results.append({"size": size, "mode": mode, "framework": framework,
+                        "error": f"exit {proc.returncode}: {tail}"})
+      else:
+        results.append(json.loads(lines[-1]))
+      r = results[-1]
+      measure.say(f"  latency {r.get('latency_s')} s, first image {r.get('first_image_s')} s, "
+                  f"max RSS {(r.get('max_rss_bytes') or 0) / 2 ** 20:.0f} MiB "
+                  f"{r.get('skipped', '')}{r.get('error', '')}")
   measure.say("planning latency (rule planner + plan encoder) ...")
   planning = _planning(config, sizes)
   import jax  # pylint: disable=g-import-not-at-top
@@ -242,6 +306,11 @@ if __name__ == "__main__":
   flags.DEFINE_integer("tile_batch", 4, "Tiles per executor call.")
   flags.DEFINE_integer("repeats", 5, "Timed images per (size, mode); the median is reported.")
   flags.DEFINE_float("max_temp_gb", 6.0, "Do not run whole-image calls planning more than this.")
-  flags.DEFINE_string("worker", "", "Internal: SIZE:MODE, measure one job and print JSON.")
+  flags.DEFINE_bool("torch", True, "Also time the PyTorch reference executor "
+                    "(bench/torch_reference.py) on every (size, mode).")
+  flags.DEFINE_integer("torch_threads", 0, "PyTorch intra-op threads (0: one per core, as "
+                       "XLA's CPU runtime).")
+  flags.DEFINE_string("worker", "", "Internal: SIZE:MODE[:jax|torch], measure one job and print "
+                      "JSON.")
   flags.DEFINE_string("name", "restore", "Result file name under bench/results/.")
   app.run(main)

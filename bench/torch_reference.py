@@ -77,6 +77,7 @@ class CallContext:
     self.context: torch.Tensor | None = None
     self.mask: torch.Tensor | None = None
     self.freq_terms: list[torch.Tensor] = []
+    self.want_freq = True  # False when restoring: L_freq is a training term only
 
 
 class LoRAMoELinear(nn.Module):
@@ -124,7 +125,7 @@ class LoRAMoELinear(nn.Module):
     y1 = self.b[1](self.a[1](x_high)) * self.scales[1]
     weights = self._route(None if self.context_input else n_tokens, prior)
     out = y + (weights[:, None, 0:1] * y0 + weights[:, None, 1:2] * y1).to(y.dtype)
-    if not self.context_input:
+    if not self.context_input and self.ctx.want_freq:
       self.ctx.freq_terms.append(self._leakage(y0, y1, grid))
     return out
 

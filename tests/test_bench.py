@@ -209,6 +209,55 @@ def test_restore_jobs_whole_up_to_the_limit_and_tiles_above_the_tile():
   assert restore.restore_jobs([512], whole_max=512, tile=512) == [(512, "whole")]
 
 
+def test_torch_executor_restores_without_the_training_only_frequency_term(tiny, monkeypatch):
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  from inputs import random_batch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = torch_reference.TorchExecutor(tiny).eval()
+  for mod in model.modules():  # non-zero experts, so the routed output depends on them
+    if isinstance(mod, torch_reference.LoRAMoELinear):
+      for b in mod.b:
+        torch.nn.init.normal_(b.weight, std=0.1)
+  batch = torch_reference.torch_batch(random_batch(tiny, batch_size=2))
+  args = (batch["degraded"], batch["plan_tokens"], batch["plan_mask"])
+  calls = []
+  leakage = torch_reference.LoRAMoELinear._leakage
+  monkeypatch.setattr(torch_reference.LoRAMoELinear, "_leakage",
+                      lambda self, *a: calls.append(1) or leakage(self, *a))
+  with torch.inference_mode():
+    train_out, freq = model(*args)
+    assert calls and float(freq) > 0  # training computes L_freq on every spatial layer
+    calls.clear()
+    model.ctx.want_freq = False  # what bench/restore.py times
+    restore_out, none = model(*args)
+  assert not calls and float(none) == 0.0
+  assert torch.equal(train_out, restore_out)
+
+
+def test_restore_report_puts_the_torch_reference_beside_each_jax_row():
+  import report  # pylint: disable=g-import-not-at-top
+  import restore  # pylint: disable=g-import-not-at-top
+  summary = restore.config_summary(base_config.get_config())
+  row = lambda fw, lat, **kw: {"size": 256, "mode": "tiled", "framework": fw, "tiles": 49,  # noqa: E731
+                               "executor_call_shape": [4, 48, 48, 3], "latency_s": lat,
+                               "first_image_s": 3.0, "max_rss_bytes": 2 ** 30, **kw}
+  r = {"benchmark": "restore", "command": ".venv/bin/python bench/restore.py",
+       "machine": {"cpu": "cpu", "cores": 2, "date": "today", "commit": "abc",
+                   "load_average_start": [0.0]},
+       "config": summary, "config_digest": measure.config_digest(summary), "weights": "random",
+       "tiling": {}, "planning": {},
+       "executor": [row("jax", 0.5, compile_s=2.5), row("torch", 1.0),
+                    {"size": 512, "mode": "whole", "framework": "torch", "error": "exit 1"}]}
+  lines = report.restore(r)
+  head = next(ln for ln in lines if ln.startswith("| image"))
+  cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines if ln.startswith("| 2")]
+  col = [c.strip() for c in head.strip("|").split("|")].index("torch / jax latency")
+  assert [c[2] for c in cells] == ["jax", "torch"]
+  assert cells[0][col] == "—" and float(cells[1][col]) == 2.0  # torch took twice as long
+  assert any(ln.startswith("| 512^2 | whole | torch") and "exit 1" in ln for ln in lines)
+
+
 def test_pipeline_reuses_a_train_step_result_only_for_the_same_model(tmp_path, monkeypatch, tiny):
   import pipeline  # pylint: disable=g-import-not-at-top
   import train_step  # pylint: disable=g-import-not-at-top
