@@ -281,3 +281,26 @@ def test_deferred_attention_matches_dot_product_attention(s_len, masked):
   if jax.default_backend() == "cpu":
     assert layers.attend(q, k, v, mask) is not None
     np.testing.assert_array_equal(layers.attend(q, k, v, mask), new(q, k, v))
+
+
+@pytest.mark.parametrize("t_len,masked", [(1027, True), (1024, False)])
+def test_long_query_sequences_attend_in_blocks_with_the_same_result(t_len, masked):
+  """Whole-image restoration: from `_BLOCKED_FROM` queries on, blocks of queries (padded to equal
+  sizes: 1027 = 5 x 206 - 3) give the single-block result to float32 rounding: each row's
+  softmax is the same math, but the CPU matmul kernels may split a 206-row and a 1027-row
+  product differently (seen: 5e-7 apart), and dk, dv sum over the blocks in another order."""
+  assert t_len >= layers._BLOCKED_FROM
+  rng = np.random.default_rng(t_len)
+  s_len = 40
+  q = jnp.asarray(rng.normal(size=(2, t_len, 2, 8)).astype(np.float32))
+  k, v = (jnp.asarray(rng.normal(size=(2, s_len, 2, 8)).astype(np.float32)) for _ in range(2))
+  mask = jnp.asarray(np.arange(s_len)[None, :] < np.array([[s_len], [5]])) if masked else None
+  cot = jnp.asarray(rng.normal(size=q.shape).astype(np.float32))
+  blocked = jax.jit(lambda q, k, v: layers._attention_deferred(q, k, v, mask))
+  whole = jax.jit(lambda q, k, v: layers._attention_block(q, k, v, mask))
+  assert "while" in blocked.lower(q, k, v).as_text()  # the blocked program is the one tested
+  np.testing.assert_allclose(blocked(q, k, v), whole(q, k, v), rtol=1e-5, atol=1e-6)
+  g_blocked = jax.grad(lambda *a: jnp.sum(blocked(*a) * cot), argnums=(0, 1, 2))(q, k, v)
+  g_whole = jax.grad(lambda *a: jnp.sum(whole(*a) * cot), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(g_blocked, g_whole):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
