@@ -86,17 +86,13 @@ def _worker(config, size: int, mode: str) -> dict[str, Any]:
   bsh = shard_lib.batch_sharding(mesh, config.data_axes)
   eval_step = steps.make_eval_step(models, shardings["gen"], bsh)
 
-  tile, overlap = tiling_for(config, multiple)
-  out["tile"], out["overlap"] = tile, overlap
-  rows = FLAGS.tile_batch if mode == "tiled" else 1
-  side = tile if mode == "tiled" else -(-size // multiple) * multiple
+  tile, overlap, rows, side = _call_geometry(out, config, size, mode, multiple)
   example = random_batch(config, batch_size=rows, size=side)
   example = {k: v for k, v in example.items() if k in ("degraded", "plan_tokens", "plan_mask")}
   t_first = t0 = time.perf_counter()
   compiled = eval_step.lower(gen_params, gen_frozen, jax.device_put(example, bsh)).compile()
   out["compile_s"] = time.perf_counter() - t0
   out["xla_memory"] = measure.memory_analysis(compiled)
-  out["executor_call_shape"] = [rows, side, side, 3]
 
   temp = (out["xla_memory"] or {}).get("temp_size_in_bytes", 0)
   if mode == "whole" and temp > FLAGS.max_temp_gb * 2 ** 30:
@@ -121,6 +117,16 @@ def _worker(config, size: int, mode: str) -> dict[str, Any]:
   out["device_peak_bytes"] = (int(stats["peak_bytes_in_use"])
                               if stats and "peak_bytes_in_use" in stats else None)
   return out
+
+
+def _call_geometry(out: dict, config, size: int, mode: str, multiple: int):
+  """(tile, overlap, rows, side) of one executor call, also recorded in `out`: tiles of the
+  restore CLI's size, --tile_batch per call, or the whole image padded to the size multiple."""
+  tile, overlap = tiling_for(config, multiple)
+  rows = FLAGS.tile_batch if mode == "tiled" else 1
+  side = tile if mode == "tiled" else -(-size // multiple) * multiple
+  out["tile"], out["overlap"], out["executor_call_shape"] = tile, overlap, [rows, side, side, 3]
+  return tile, overlap, rows, side
 
 
 def _time_restores(out: dict, call, size: int, mode: str, tile: int, overlap: int,
@@ -164,11 +170,7 @@ def _torch_worker(config, size: int, mode: str) -> dict[str, Any]:
   out["init_s"] = time.perf_counter() - t0
   out["rss_after_init_bytes"] = measure.max_rss_bytes()
   multiple = model.multiple
-  tile, overlap = tiling_for(config, multiple)
-  out["tile"], out["overlap"] = tile, overlap
-  rows = FLAGS.tile_batch if mode == "tiled" else 1
-  side = tile if mode == "tiled" else -(-size // multiple) * multiple
-  out["executor_call_shape"] = [rows, side, side, 3]
+  tile, overlap, rows, side = _call_geometry(out, config, size, mode, multiple)
   example = random_batch(config, batch_size=rows, size=side)
   tokens, mask = example.get("plan_tokens"), example.get("plan_mask")
   if tokens is None:  # the reference executor always takes plans; no plans = none valid

@@ -414,12 +414,12 @@ def _run_one(config, workdir: epath.Path, name: str, seed: int, train_fn, evalua
       say(f"{tag}: stopped at step {prev['steps']} of {cfg.total_steps}; resuming.")
   say(f"{tag}: {VARIANTS[name][0]}; training to step {cfg.total_steps} in {vdir}.")
   table = train_fn(cfg, os.fspath(vdir))
+  steps = steps_run(vdir)
   if not table:  # checkpoints already complete: the run's own final validation, else validate it
-    table = (_final_validation(vdir)
+    table = (_final_validation(vdir, steps)
              or evaluate_fn(vdir, limit=int(cfg.get("num_eval_images", 0) or 0)))
   if not table:
     raise FapeError(f"{tag}: no validation table from {vdir}.")
-  steps = steps_run(vdir)
   if steps < cfg.total_steps:
     say(f"{tag}: stopped at step {steps} of {cfg.total_steps} (stop_after or preemption); "
         "recorded as such, the same command resumes it.")
@@ -431,8 +431,9 @@ def _run_one(config, workdir: epath.Path, name: str, seed: int, train_fn, evalua
   return out
 
 
-def _final_validation(vdir: epath.Path) -> dict:
-  """The table training's validation wrote for the run's newest checkpoint ({} if none).
+def _final_validation(vdir: epath.Path, newest_step: int) -> dict:
+  """The table training's validation wrote for `newest_step`, the run's newest checkpoint ({}
+  if none).
 
   Preferred to `evaluate_fn`, which restores through the `evaluate` path (tiled at the training
   crop): a different measurement from training's whole-image validation, which every other run
@@ -442,7 +443,7 @@ def _final_validation(vdir: epath.Path) -> dict:
   if not path.exists():
     return {}
   saved = json.loads(path.read_text())
-  return saved.get("tasks", {}) if saved.get("step") == steps_run(vdir) else {}
+  return saved.get("tasks", {}) if saved.get("step") == newest_step else {}
 
 
 def _source(results_path: epath.Path, md_path: epath.Path) -> str:
