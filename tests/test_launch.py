@@ -365,7 +365,8 @@ def _write_fake(path, log):
   """A stand-in for gcloud/srun: appends its shell-quoted argv to LOG (scp keeps the tarball)."""
   path.write_text(textwrap.dedent(f"""\
       #!/bin/bash
-      {{ printf '%q ' "${{0##*/}}" "$@"; echo; }} >> {shlex.quote(str(log))}
+      # One write per call: the per-worker ssh calls run at once and append to the same log.
+      line=$(printf '%q ' "${{0##*/}}" "$@"); printf '%s\n' "$line" >> {shlex.quote(str(log))}
       if [[ "${{4:-}}" == describe && "$*" == *--format=* ]]; then
         echo "${{FAKE_ENDPOINTS-10.0.0.1;10.0.0.2;10.0.0.3;10.0.0.4}}"; exit 0
       fi
