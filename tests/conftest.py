@@ -25,8 +25,8 @@ def pytest_configure(config):
 # The longest files first (`make test` runs with --no-loadscope-reorder, so pytest-xdist hands out
 # files in this order): a long file started last would leave the other worker idle at the end.
 # Measured on the 2-core machine; the rest keep their collection order.
-# test_cluster_rehearsal.py: 4.5 min alone (2026-12-01), not yet measured within the suite.
-_LONGEST_FIRST = ("test_multiprocess.py", "test_cluster_rehearsal.py", "test_train.py",
+# test_cluster_rehearsal.py (all the multi-process runs): 12 min alone, 2-core AMD VM, 2026-12-07.
+_LONGEST_FIRST = ("test_cluster_rehearsal.py", "test_train.py",
                   "test_reshard.py", "test_ablate.py", "test_train_sharding.py", "test_restore.py",
                   "test_demo.py", "test_dry_run.py", "test_evaluate.py")
 

@@ -3,7 +3,7 @@
 The data stream depends on the global example position only, so a run on M processes continues
 it from the position saved with the checkpoint (Grain's per-process state is for N = M). Here with
 fake hosts (process_index/process_count of the pipeline) and a checkpoint whose position says it
-was written by 2 processes; tests/test_multiprocess.py resumes a real 2-process run on 1.
+was written by 2 processes; tests/test_cluster_rehearsal.py resumes a real 2-process run on 1.
 """
 import json
 

@@ -85,7 +85,7 @@ def test_heatmap_renders_layers_by_tasks():
 
 
 def test_sums_over_processes_arrive_as_float64_in_their_shapes(monkeypatch):
-  """Two arrays in one raw-bytes gather, as on 2 processes (the real gather: test_multiprocess)."""
+  """Two arrays in one raw-bytes gather, as on 2 processes (the real gather: test_cluster_rehearsal)."""
   psnr = np.arange(6, dtype=np.float64).reshape(3, 2) + 1e-9  # float32 would lose the 1e-9
   rout = np.full((2, 3, 2), 0.25)
   other = np.concatenate([2 * psnr.ravel(), rout.ravel()])  # the other process's sums
