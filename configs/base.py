@@ -4,7 +4,7 @@
                                    scratch with the frequency LoRA-MoE, synthetic seven-task data
                                    from images bundled with installed packages, rule planner +
                                    MiniLM plan tokens. Runs on a laptop CPU in ~10 minutes.
-  --config=configs/base.py:long    the same model and data trained ~8x longer (about an hour on a
+  --config=configs/base.py:long    the same model and data trained ~8x longer (1-1.7 hours on a
                                    2-core CPU; validation every 1000 steps).
   --config=configs/base.py:tiny    a few-second version of the same for tests.
   --config=configs/base.py:sd21    SD-2.1/SD-Turbo-scale 512^2 latent executor, Qwen2.5-VL-7B plan
@@ -223,7 +223,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   )
 
   if arg == "long":
-    c.total_steps = 6000            # ~2 steps/s on a 2-core CPU: about an hour
+    c.total_steps = 6000            # ~1-2 steps/s on a 2-core CPU: 1-1.7 hours
     c.max_wall_minutes = 0.0
     c.eval_every = 1000
     c.ckpt_every = 500
