@@ -347,7 +347,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
 
 # Runs of bench/train_step.py with one thing changed, compared in one table.
 VARIANTS = ("train_step", "train_step_load9", "train_step_1core", "train_step_2dev",
-            "train_step_heads2", "train_step_b32")
+            "train_step_base_same_window", "train_step_heads8", "train_step_b32")
 
 
 def _load_range(r: dict) -> str:
