@@ -97,7 +97,13 @@ on_exit() {
     sleep 0.1
     ticks=$((ticks + 1))
   done
-  signal_running KILL || true
+  signal_running KILL || return 0
+  # A SIGKILLed process is not gone at once (a large one takes a moment to tear down): wait for
+  # each, so no process of the job outlives the launcher.
+  local i
+  for i in "${!pids[@]}"; do
+    [[ -n "${finished[i]:-}" ]] || wait "${pids[i]}" 2>/dev/null || true
+  done
 }
 trap on_exit EXIT
 trap 'exit 130' INT

@@ -329,6 +329,46 @@ def test_local_fails_with_the_failing_process_status(tmp_path):
   assert "local.sh: process 2 exited with status 5; stopping the others." in proc.stderr
 
 
+STUBBORN_MODULE = textwrap.dedent("""\
+    import os, signal, sys, time
+    pid = int(sys.argv[-1].split("=")[1])
+    os.chdir(os.environ["PID_DIR"])  # local.sh runs from the repository root
+    if pid == 1:
+      while not os.path.exists("pid0"):
+        time.sleep(0.05)
+      sys.exit(3)
+    # Process 0: deaf to SIGTERM (as inside a collective) and large, so a SIGKILL takes a moment.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ballast = bytearray(b"x") * (768 << 20)
+    with open("pid0.tmp", "w") as f:
+      f.write(str(os.getpid()))
+    os.rename("pid0.tmp", "pid0")
+    time.sleep(600)
+    """)
+
+
+def test_local_returns_only_once_a_killed_process_is_gone(tmp_path):
+  """A survivor that ignores SIGTERM gets SIGKILL after KILL_GRACE_S, and the launcher waits for it:
+  nothing of the job may outlive it (a cluster rehearsal once found process 0 still alive)."""
+  (tmp_path / "stubborn.py").write_text(STUBBORN_MODULE)
+  env = {"NUM_PROCESSES": "2", "MODULE": "stubborn", "PYTHONPATH": str(tmp_path),
+         "PYTHON": sys.executable, "KILL_GRACE_S": "1", "PID_DIR": str(tmp_path)}
+  # Output to a file, not a pipe: reading a pipe to its end would wait for process 0 as well.
+  log = tmp_path / "local.log"
+  with open(log, "w") as f:
+    rc = subprocess.run(["bash", str(LAUNCH / "local.sh")], env=dict(os.environ, **env), stdout=f,
+                        stderr=subprocess.STDOUT, timeout=60, check=False, cwd=tmp_path).returncode
+  survivor = int((tmp_path / "pid0").read_text())
+  try:
+    with open(f"/proc/{survivor}/stat") as f:
+      alive = f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    alive = False
+  assert rc == 3, log.read_text()
+  assert "local.sh: process 1 exited with status 3; stopping the others." in log.read_text()
+  assert not alive, f"process 0 ({survivor}) outlived the launcher"
+
+
 @pytest.mark.parametrize("env, message", [
     ({"PYTHON": "/nonexistent/python"}, "PYTHON=/nonexistent/python is not an executable"),
     ({"NUM_PROCESSES": "0"}, "NUM_PROCESSES=0 is not a positive integer"),
