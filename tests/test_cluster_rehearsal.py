@@ -249,7 +249,7 @@ def _rehearse(data_dir_, bucket_env_, tmp_path, phase):
     job = subprocess.Popen([LAUNCHER, *common], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
                            env=two_procs)
   try:
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 900  # a guard: ~260 s alone, ~400 s within make test
     # Process 0 logs step CKPT + 2 after the step-CKPT checkpoint (saves block the loop) and
     # seconds before the next one (two steps and a save): kill then, and the resume is at CKPT.
     while not any(r["step"] >= END for r in _read_jsonl_fresh(metrics)):
@@ -257,7 +257,7 @@ def _rehearse(data_dir_, bucket_env_, tmp_path, phase):
         _fail(f"the 2-process job ended (exit {job.returncode}) before step {END}", log1,
               log1.read_text())
       if time.monotonic() > deadline:
-        _fail(f"no step {END} in {metrics} after 600 s", log1, log1.read_text())
+        _fail(f"no step {END} in {metrics} after 900 s", log1, log1.read_text())
       time.sleep(0.2)
     victim, survivor = (_child_pid(job.pid, f"--process_id={i}") for i in (1, 0))
     assert victim and survivor, (victim, survivor)
