@@ -359,14 +359,9 @@ def test_local_returns_only_once_a_killed_process_is_gone(tmp_path):
     rc = subprocess.run(["bash", str(LAUNCH / "local.sh")], env=dict(os.environ, **env), stdout=f,
                         stderr=subprocess.STDOUT, timeout=60, check=False, cwd=tmp_path).returncode
   survivor = int((tmp_path / "pid0").read_text())
-  try:
-    with open(f"/proc/{survivor}/stat") as f:
-      alive = f.read().rsplit(")", 1)[1].split()[0] != "Z"
-  except OSError:
-    alive = False
+  assert not alive(survivor), f"process 0 ({survivor}) outlived the launcher"
   assert rc == 3, log.read_text()
   assert "local.sh: process 1 exited with status 3; stopping the others." in log.read_text()
-  assert not alive, f"process 0 ({survivor}) outlived the launcher"
 
 
 @pytest.mark.parametrize("env, message", [
@@ -382,6 +377,15 @@ def test_local_rejects_bad_settings_before_starting_anything(tmp_path, env, mess
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+def alive(pid: int) -> bool:
+  """Whether process `pid` still runs (a zombie has ended; tests/test_cluster_rehearsal.py too)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
 
 
 def _run(script, tmp_path, env, *args, fakes=()):
