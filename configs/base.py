@@ -19,6 +19,7 @@ Override anything with dotted flags, e.g. `--config.total_steps=50`.
 
 import ml_collections
 
+from fape_jax import tasks
 from fape_jax.models import discriminator
 from fape_jax.models import lora_moe
 from fape_jax.planning import job
@@ -121,6 +122,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # a plain shuffle. 'task' lifts denoising from +0.1 to +0.8-1.3 dB at 800 steps, the mean
   # within the seed spread (README "What the embedded default trains on", Batching).
   c.data.batching = "task"
+  # With 'task' batching: batches per cycle for each task (0 leaves a task out of training).
+  c.data.task_slots = ml_collections.ConfigDict({t: 1 for t in tasks.TASKS})
   # >0: rows per data-parallel shard; the global sizes above are then this x the data-parallel
   # size of the run's mesh, resolved at start-up (fape_jax/preflight.py), so one config fits any
   # device count. 0: the global sizes as given.

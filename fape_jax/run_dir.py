@@ -27,6 +27,7 @@ from etils import epath
 
 from fape_jax import distributed
 from fape_jax import run_log
+from fape_jax import tasks
 from fape_jax.errors import FapeError
 
 CONFIG_FILE = "config.json"
@@ -47,7 +48,8 @@ PER_SHARD = {"data.batch_size": "data.batch_size_per_shard",
 # Fields added to the configs after runs were written with them absent, each with the value that
 # does what the code did before the field existed: a run started before them resumes when the
 # new config holds that value (any other value is a change like any other).
-ADDED_FIELDS = {"optim.ema_decay": 0.0, "optim.g.estim_lr0": 1e-6}
+ADDED_FIELDS = {"optim.ema_decay": 0.0, "optim.g.estim_lr0": 1e-6,
+                **{f"data.task_slots.{t}": 1 for t in tasks.TASKS}}
 
 
 def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:

@@ -63,10 +63,14 @@ class TrainData:
     if self.config.optim.get("per_task_state", False) and batching != "task":
       raise FapeError("--config.optim.per_task_state=True keeps one optimiser state per task and "
                       "needs one-task batches: add --config.data.batching=task.")
+    slots = dict(d.get("task_slots", None) or {})
+    if batching != "task" and any(n != 1 for n in slots.values()):
+      raise FapeError(f"--config.data.task_slots={slots} weighs tasks within one-task batches; "
+                      "add --config.data.batching=task or leave the slots at 1.")
     it = pipeline.train_iterator(
         self.train, self.plans, crop=d.crop, batch_size=d.batch_size, seed=self.config.seed,
         read_threads=d.read_threads, prefetch=d.prefetch, start=start,
-        task_batches=batching == "task")
+        task_batches=batching == "task", task_slots=slots)
     return TrainStream(it, start, d.batch_size)
 
   def eval_batches(self, local_batch: int, limit: int = 0):

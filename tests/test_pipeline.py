@@ -305,6 +305,41 @@ def test_task_batches_hold_one_task_cover_every_task_and_resume():
   _assert_batches_equal(_take(fresh, 4), single[5:9])
 
 
+def test_task_slots_weigh_a_cycle_and_still_resume():
+  n_tasks, global_batch = len(TASKS), 2
+  src = FakeSource(n_tasks * 5)
+  # deblur twice per cycle, denoise left out, the others once: cycles of n_tasks batches.
+  slots = {"deblur": 2, "denoise": 0}
+  kw = dict(crop=8, batch_size=global_batch, seed=3, task_batches=True, task_slots=slots)
+  single = _take(pipeline.train_iterator(src, None, process_index=0, process_count=1, **kw),
+                 3 * n_tasks)
+  per_batch = [{TASKS[int(r) % n_tasks] for r in b["record"]} for b in single]
+  assert all(len(s) == 1 for s in per_batch)
+  for c in range(3):
+    cycle = [next(iter(s)) for s in per_batch[c * n_tasks:(c + 1) * n_tasks]]
+    assert {t: cycle.count(t) for t in set(cycle)} == {
+        t: slots.get(t, 1) for t in TASKS if slots.get(t, 1)}
+  # deblur's first 5 draws are its 5 pairs, once each, though it comes twice per cycle.
+  blur = [int(r) for b in single for r in b["record"] if TASKS[int(r) % n_tasks] == "deblur"][:5]
+  assert sorted(blur) == [i for i in range(len(src)) if TASKS[i % n_tasks] == "deblur"]
+  it = pipeline.train_iterator(src, None, process_index=0, process_count=1, **kw)
+  _take(it, 5)
+  fresh = pipeline.train_iterator(src, None, process_index=0, process_count=1, **kw)
+  fresh.set_state(it.get_state())
+  _assert_batches_equal(_take(fresh, 4), single[5:9])
+  # Slots of 1 are the default order exactly.
+  ones = dict(kw, task_slots={t: 1 for t in tasks_lib.TASKS})
+  plain = dict(kw, task_slots=None)
+  _assert_batches_equal(
+      _take(pipeline.train_iterator(src, None, process_index=0, process_count=1, **ones), 9),
+      _take(pipeline.train_iterator(src, None, process_index=0, process_count=1, **plain), 9))
+  for bad, message in (({"debluring": 2}, r"names \['debluring'\], which are not tasks"),
+                       ({"deblur": -1}, "whole numbers >= 0"),
+                       ({t: 0 for t in TASKS}, "at least one > 0")):
+    with pytest.raises(FapeError, match=message):
+      pipeline.train_dataset(src, None, **dict(kw, task_slots=bad))
+
+
 def test_batching_config_is_checked():
   from configs import base
   from fape_jax import train_data
@@ -315,6 +350,10 @@ def test_batching_config_is_checked():
     train_data.TrainData(c, FakeSource(7), None, None).train_iterator()
   c.data.batching, c.optim.per_task_state = "mixed", True
   with pytest.raises(FapeError, match="needs one-task batches: add --config.data.batching=task"):
+    train_data.TrainData(c, FakeSource(7), None, None).train_iterator()
+  c.data.batching, c.optim.per_task_state = "mixed", False
+  c.data.task_slots.deblur = 2
+  with pytest.raises(FapeError, match="weighs tasks within one-task batches"):
     train_data.TrainData(c, FakeSource(7), None, None).train_iterator()
   c.data.batching = "task"
   b = next(train_data.TrainData(c, FakeSource(7), None, None).train_iterator())

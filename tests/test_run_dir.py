@@ -55,10 +55,13 @@ def test_budget_changes_are_allowed_and_recorded(tmp_path):
 def test_a_run_from_before_an_added_field_resumes_only_with_its_old_behaviour(tmp_path):
   old = json.loads(_started(tmp_path, _config()))
   del old["optim"]["ema_decay"]  # written before the field existed (no weight average)
+  del old["data"]["task_slots"]   # nor task weights (every task once per cycle)
   (tmp_path / run_dir.CONFIG_FILE).write_text(json.dumps(old))
   assert run_dir.check_resume(tmp_path, _config()) == {}
   with pytest.raises(FapeError, match=r"optim.ema_decay \(null -> 0.999\)"):
     run_dir.check_resume(tmp_path, _config(**{"optim.ema_decay": 0.999}))
+  with pytest.raises(FapeError, match=r"data.task_slots.deblur \(null -> 2\)"):
+    run_dir.check_resume(tmp_path, _config(**{"data.task_slots.deblur": 2}))
 
 
 def test_unreadable_config_json_is_refused(tmp_path):

@@ -13,8 +13,8 @@ number of hosts continues the same stream: that is how a resume on another proce
 where the checkpoint left off (`train_data.TrainStream`).
 
 With `task_batches=True` the shuffle is replaced by one-task batches (`TaskBatchOrder`): every
-global batch holds pairs of a single task, each cycle of T batches visits all T tasks once (in a
-shuffled order), and each task walks through its own reshuffled pairs (`data.batching='task'`;
+global batch holds pairs of a single task, each cycle visits every task `task_slots[task]` times
+(once by default; in a shuffled order), and each task walks through its own reshuffled pairs (`data.batching='task'`;
 README "What the embedded default trains on", Batching, has the runs that compare the two).
 
 Batches are dicts of numpy arrays:
@@ -127,20 +127,33 @@ def _train_example(k: int, r: int, *, source, plans, crop: int, seed: int, hflip
 class TaskBatchOrder:
   """Stream position k -> pair index, in one-task global batches of `batch_size`.
 
-  Batch b belongs to cycle c = b // T and is the (b % T)-th task of that cycle's task permutation
-  (drawn from Generator([seed, c])); it takes that task's next `batch_size` pairs from the task's
-  own list, reshuffled every pass over it (Generator([seed, task, pass])). Pure in k, so resumes
-  and host slices need no state.
+  A cycle holds `slots[task]` batches of every task (1 each by default, 0 leaves a task out),
+  in an order drawn from Generator([seed, c]) for cycle c; batch b is the (b % cycle length)-th
+  of cycle b // cycle length. Each task takes its next `batch_size` pairs from its own list,
+  reshuffled every pass over it (Generator([seed, task, pass])). Pure in k, so resumes and host
+  slices need no state.
   """
 
-  def __init__(self, tasks: list[str], batch_size: int, seed: int):
+  def __init__(self, tasks: list[str], batch_size: int, seed: int,
+               slots: dict[str, int] | None = None):
     names = sorted(set(tasks))
+    slots = dict(slots or {})
+    unknown = sorted(set(slots) - set(tasks_lib.TASKS) - set(names))
+    if unknown:
+      raise FapeError(f"data.task_slots names {unknown}, which are not tasks; use the names in "
+                      f"fape_jax/tasks.py: {list(tasks_lib.TASKS)}.")
+    counts = [slots.get(name, 1) for name in names]
+    if any(not isinstance(n, int) or n < 0 for n in counts) or not any(counts):
+      raise FapeError(f"data.task_slots must be whole numbers >= 0, at least one > 0; got "
+                      f"{dict(zip(names, counts))}.")
     self.by_task = [np.asarray([i for i, t in enumerate(tasks) if t == name]) for name in names]
+    self.slots = counts
+    self.cycle = np.repeat(np.arange(len(names)), counts)   # a cycle's batches, before shuffling
     self.batch_size, self.seed = batch_size, seed
 
   @functools.lru_cache(maxsize=64)
   def _cycle(self, c: int) -> np.ndarray:
-    return np.random.default_rng([self.seed, c]).permutation(len(self.by_task))
+    return np.random.default_rng([self.seed, c]).permutation(self.cycle)
 
   @functools.lru_cache(maxsize=256)
   def _pass(self, t: int, e: int) -> np.ndarray:
@@ -149,9 +162,12 @@ class TaskBatchOrder:
 
   def __call__(self, k: int) -> int:
     b, p = divmod(int(k), self.batch_size)
-    c, j = divmod(b, len(self.by_task))
-    t = int(self._cycle(c)[j])
-    e, m = divmod(c * self.batch_size + p, len(self.by_task[t]))
+    c, j = divmod(b, len(self.cycle))
+    order = self._cycle(c)
+    t = int(order[j])
+    # This task's batches so far: slots[t] per earlier cycle plus its earlier ones in this cycle.
+    done = c * self.slots[t] + int(np.count_nonzero(order[:j] == t))
+    e, m = divmod(done * self.batch_size + p, len(self.by_task[t]))
     return int(self._pass(t, e)[m])
 
 
@@ -166,7 +182,8 @@ def train_dataset(source, plans=None, *, crop: int, batch_size: int, seed: int =
                   process_index: int | None = None, process_count: int | None = None,
                   num_epochs: int | None = None, hflip: bool = True, vflip: bool = False,
                   read_threads: int = 2, prefetch: int = 2, start: int = 0,
-                  task_batches: bool = False) -> grain.IterDataset:
+                  task_batches: bool = False,
+                  task_slots: dict[str, int] | None = None) -> grain.IterDataset:
   """The training input pipeline for this host (see the module docstring).
 
   Args:
@@ -183,6 +200,7 @@ def train_dataset(source, plans=None, *, crop: int, batch_size: int, seed: int =
     start: the global stream position of the first batch (0, or where a resume on another
       process count continues: the positions before it were consumed by the earlier run).
     task_batches: one task per global batch (`TaskBatchOrder`) instead of a plain shuffle.
+    task_slots: with task_batches, batches per cycle for each task (default 1; 0 leaves it out).
   """
   n = len(source)
   if n == 0:
@@ -200,7 +218,7 @@ def train_dataset(source, plans=None, *, crop: int, batch_size: int, seed: int =
   if task_batches:
     # An epoch is still n stream positions; the order within it comes from TaskBatchOrder, which
     # depends on the position only, so `start` below resumes it like the shuffle.
-    order = TaskBatchOrder(record_tasks(source), batch_size, seed)
+    order = TaskBatchOrder(record_tasks(source), batch_size, seed, task_slots)
     ds = grain.MapDataset.range(n).repeat(num_epochs).map_with_index(lambda k, _: order(k))
   else:
     ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat(num_epochs)
