@@ -115,7 +115,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.variants_per_image = 6     # K degraded variants per corpus image per task
   c.data.train_max_side = 256       # train images are resized so their long side is <= this
   c.data.val_size = 128             # validation pairs are this square size (one compiled shape)
-  c.data.crop = 48                  # training crop (same box on degraded and clean)
+  # Training crop (the same box on degraded and clean). 32, not 48: 1.8x the steps in the same
+  # time (575 against 325 in `make train`'s 8 minutes on the 2-core AMD VM), which at this budget
+  # is worth more than the context: mean gain +1.4-2.0 dB against +0.5 (README, "Crop and task slots").
+  c.data.crop = 32
   c.data.batch_size = 8             # global batch (split over processes and devices)
   c.data.eval_batch_size = 8
   # 'task': every global batch holds one task (tasks alternate, each cycle visits all); 'mixed':
@@ -123,7 +126,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # within the seed spread (README "What the embedded default trains on", Batching).
   c.data.batching = "task"
   # With 'task' batching: batches per cycle for each task (0 leaves a task out of training).
+  # Twice for the three full-resolution tasks and low light, the slowest to start: with one slot
+  # each, denoising stayed at +0.3-0.5 dB and low light swung between seeds (README, "Crop and
+  # task slots").
   c.data.task_slots = ml_collections.ConfigDict({t: 1 for t in tasks.TASKS})
+  for t in ("deblur", "denoise", "super_resolution", "light_enhancement"):
+    c.data.task_slots[t] = 2
   # >0: rows per data-parallel shard; the global sizes above are then this x the data-parallel
   # size of the run's mesh, resolved at start-up (fape_jax/preflight.py), so one config fits any
   # device count. 0: the global sizes as given.
@@ -195,10 +203,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.d_warmup_steps = 100      # the adversarial term joins the generator loss after this
   c.optim.d_every = 2               # discriminator update ratio: once every N steps
 
-  # 800 steps: ~6.7 min at the 15-16 images/s this config trains at on a 2-core Intel VM, which
-  # with building the stores (~1.5 min, first run only) and compiling keeps `make train` under
-  # 10 minutes. On a machine half as fast the wall-clock budget below stops it early (step 225 on a
-  # 2-core AMD VM); a schedule sized to that (total_steps=225) was no better (README, "Two commands").
+  # 800 steps: with building the stores (~2 min, first run only) and compiling, the wall-clock
+  # budget below stops the 2-core AMD VM (11-13 images/s at the 32 crop) at step 525-650; a
+  # machine ~1.4x faster runs all 800 in `make train`'s 10 minutes. A schedule sized to the slow
+  # machine (total_steps=225, at the old 48 crop) was no better (README, "Two commands").
   c.total_steps = 800
   c.log_every = 25
   c.eval_every = 800
