@@ -117,7 +117,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.val_size = 128             # validation pairs are this square size (one compiled shape)
   # Training crop (the same box on degraded and clean). 32, not 48: 1.8x the steps in the same
   # time (575 against 325 in `make train`'s 8 minutes on the 2-core AMD VM), which at this budget
-  # is worth more than the context: mean gain +1.4-2.0 dB against +0.5 (README, "Crop and task slots").
+  # is worth more than the context: mean gain +1.4-2.0 dB against +0.5 (README, "Crop and task
+  # slots").
   c.data.crop = 32
   c.data.batch_size = 8             # global batch (split over processes and devices)
   c.data.eval_batch_size = 8

@@ -14,8 +14,9 @@ where the checkpoint left off (`train_data.TrainStream`).
 
 With `task_batches=True` the shuffle is replaced by one-task batches (`TaskBatchOrder`): every
 global batch holds pairs of a single task, each cycle visits every task `task_slots[task]` times
-(once by default; in a shuffled order), and each task walks through its own reshuffled pairs (`data.batching='task'`;
-README "What the embedded default trains on", Batching, has the runs that compare the two).
+(once by default; in a shuffled order), and each task walks through its own reshuffled pairs
+(`data.batching='task'`, `data.task_slots`; README "What the embedded default trains on",
+Batching and "Crop and task slots", has the runs that chose them).
 
 Batches are dicts of numpy arrays:
   degraded, clean  float32 NHWC in [-1, 1]
