@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from typing import Any
 
 import jax
@@ -99,8 +100,16 @@ def task_slot(task_id: jax.Array) -> jax.Array:
   return jnp.where(task_id < 0, TASK_SLOTS - 1, task_id)
 
 
-def make_optimizer(cfg, clip_norm: float, total_steps: int) -> optax.GradientTransformation:
-  """One optimiser from a `config.optim.g` / `config.optim.d` block."""
+def make_optimizer(cfg, clip_norm: float, total_steps: int,
+                   flatten: bool = False) -> optax.GradientTransformation:
+  """One optimiser from a `config.optim.g` / `config.optim.d` block.
+
+  `flatten` (`config.optim.flatten`): the update runs on all parameters raveled into one vector
+  (`optax.flatten`), so the state holds one vector per moment. The same arithmetic (the clip's
+  global norm and Prodigy's sums are over all parameters either way), but a few ops instead of a
+  few per parameter: it halves the train step's program and its compile time. The vector is
+  replicated, so a run whose trainable parameters are sharded (fsdp) should turn it off.
+  """
   sched = _schedule(cfg, total_steps)
   if cfg.name == "prodigy":
     opt = optax.contrib.prodigy(sched, betas=(cfg.b1, cfg.b2), weight_decay=cfg.weight_decay,
@@ -109,7 +118,8 @@ def make_optimizer(cfg, clip_norm: float, total_steps: int) -> optax.GradientTra
     opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
   else:
     raise FapeError(f"config.optim.*.name={cfg.name!r}: use 'prodigy' or 'adamw'.")
-  return optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm else opt
+  opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm else opt
+  return optax.flatten(opt) if flatten else opt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,8 +167,9 @@ def _init_state(config, models_out: list | None = None):
   disc_filter = disc_lib.TRAINABLE
   gen_def, gparams, gfrozen = nnx.split(gen, gen_filter, ...)
   disc_def, dparams, drest = nnx.split(disc, disc_filter, ...)
-  g_tx = make_optimizer(config.optim.g, config.optim.clip_norm, config.total_steps)
-  d_tx = make_optimizer(config.optim.d, config.optim.clip_norm, config.total_steps)
+  flatten = config.optim.get("flatten", False)  # runs written before the field: per-leaf states
+  g_tx = make_optimizer(config.optim.g, config.optim.clip_norm, config.total_steps, flatten)
+  d_tx = make_optimizer(config.optim.d, config.optim.clip_norm, config.total_steps, flatten)
   if models_out is not None:
     models_out.append(Models(gen_def, disc_def, gen_filter, disc_filter, g_tx, d_tx))
   g_opt = g_tx.init(gparams)
@@ -202,6 +213,11 @@ def abstract_state(config):
   return abstract, models[0]
 
 
+# Sharded trainable parameters (elements) above which a replicated, flattened optimiser state is
+# worth a warning: two float32 moments of 16M parameters are 128 MiB per device.
+_REPLICATED_OPT_WARN = 1 << 24
+
+
 def state_shardings(abstract, mesh, config):
   """NamedShardings for every leaf of the (abstract) state, from the config's logical rules."""
   rules = tuple(tuple(r) for r in config.logical_axis_rules)
@@ -219,15 +235,27 @@ def state_shardings(abstract, mesh, config):
     }
     if "ema" in abstract[part]:
       out[part]["ema"] = params_sh
+    sharded = sum(math.prod(a.shape) for a, s in zip(jax.tree.leaves(abstract[part][pkey]),
+                                                      jax.tree.leaves(params_sh))
+                  if not s.is_fully_replicated)
+    if sharded > _REPLICATED_OPT_WARN and config.optim.get("flatten", False):
+      logging.warning(
+          "%.0fM trainable %s parameters are sharded over the mesh, but config.optim.flatten "
+          "keeps the optimiser state as one replicated vector (each device holds all of it); pass "
+          "--config.optim.flatten=False to shard it like the parameters.", sharded / 1e6, part)
   return out
 
 
+def init_state(config, shardings):
+  """The seed's train state, created directly with `shardings` (no host copy of the full model)."""
+  return jax.jit(functools.partial(_init_state, config), out_shardings=shardings)()
+
+
 def create_state(config, mesh):
-  """The train state, created directly with its shardings (no host copy of the full model)."""
+  """(state, shardings, Models): the seed's train state on `mesh`."""
   abstract, models = abstract_state(config)
   shardings = state_shardings(abstract, mesh, config)
-  state = jax.jit(functools.partial(_init_state, config), out_shardings=shardings)()
-  return state, shardings, models
+  return init_state(config, shardings), shardings, models
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ PER_SHARD = {"data.batch_size": "data.batch_size_per_shard",
 # Fields added to the configs after runs were written with them absent, each with the value that
 # does what the code did before the field existed: a run started before them resumes when the
 # new config holds that value (any other value is a change like any other).
-ADDED_FIELDS = {"optim.ema_decay": 0.0, "optim.g.estim_lr0": 1e-6,
+ADDED_FIELDS = {"optim.ema_decay": 0.0, "optim.g.estim_lr0": 1e-6, "optim.flatten": False,
                 **{f"data.task_slots.{t}": 1 for t in tasks.TASKS}}
 
 
