@@ -43,8 +43,10 @@ def initial_state(config, mesh, ckpt: ckpt_lib.Checkpointer, data: train_data.Tr
      process count or another: `Checkpointer.restore_stream`);
   2. `config.init_from`: a local diffusers folder (base UNet/VAE) or exported adapters;
   3. scratch: the config's seed.
-  The state is created (sharded, from the seed) in every case; a checkpoint view without the
-  frozen base weights (runs from `init_from`) takes them from `init_from` again.
+  A resume restores straight into the abstract state's shapes and shardings: the seed's state is
+  created (a compiled init program, tens of seconds on a CPU) only when something must come from
+  it: a fresh run, or the frozen base weights that a run from `init_from` does not checkpoint
+  (those are taken from `init_from` again).
   """
   if not (config.train_base_unet or config.init_from or config.get("allow_random_base", False)):
     raise FapeError(
@@ -54,18 +56,25 @@ def initial_state(config, mesh, ckpt: ckpt_lib.Checkpointer, data: train_data.Tr
         "e.g. --config.init_from=/models/sd-turbo (downloaded once with `huggingface-cli download "
         "stabilityai/sd-turbo --local-dir /models/sd-turbo`); for smoke tests on random weights "
         "pass --config.allow_random_base=True.")
-  distributed.say(f"Creating the train state on a {dict(mesh.shape)} mesh "
-                  f"({jax.device_count()} {jax.default_backend()} devices)...")
-  state, shardings, models = model_state.create_state(config, mesh)
-  resuming = ckpt.latest_step() is not None
-  if config.init_from and not (resuming and config.init_from.endswith(".safetensors")):
+  where = f"on a {dict(mesh.shape)} mesh ({jax.device_count()} {jax.default_backend()} devices)"
+  abstract, models = model_state.abstract_state(config)
+  shardings = model_state.state_shardings(abstract, mesh, config)
+  start, stream, restored = 0, None, None
+  if ckpt.latest_step() is not None:
+    distributed.say(f"Restoring the train state from {ckpt.directory} {where}...")
+    start, restored, stream = ckpt.restore_stream(
+        model_state.restore_target(abstract, shardings, config), data.train_iterator)
+    logging.info("Resumed from %s at step %d (global example %d).", ckpt.directory, start,
+                 stream.examples)
+    if "frozen" in restored["gen"]:
+      return restored, shardings, models, int(start), stream
+  distributed.say(f"Creating the train state {where}...")
+  state = model_state.init_state(config, shardings)
+  # Exported adapters are where a run started; a resumed run has trained them further.
+  if config.init_from and not (restored is not None and config.init_from.endswith(".safetensors")):
     state = model_state.init_from_pretrained(state, shardings, config)
-  if not resuming:
+  if restored is None:
     return state, shardings, models, 0, data.train_iterator()
-  start, restored, stream = ckpt.restore_stream(
-      model_state.restore_target(state, shardings, config), data.train_iterator)
-  logging.info("Resumed from %s at step %d (global example %d).", ckpt.directory, start,
-               stream.examples)
   return model_state.merge_restored(state, restored), shardings, models, int(start), stream
 
 
