@@ -1,6 +1,7 @@
 """The sharded train step on 8 fake CPU devices (data x fsdp mesh), pretrained (frozen-base) mode."""
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -139,3 +140,30 @@ def test_init_from_exported_adapters_loads_them_and_rejects_other_shapes(tmp_pat
   st_np.save_file(shifted, str(path))
   with pytest.raises(FapeError, match="another shape"):
     model_state.init_from_pretrained(state, shardings, c)
+
+
+@pytest.mark.parametrize("block", ["g", "d"])
+def test_flattened_optimiser_takes_the_same_steps(block):
+  """`optim.flatten` changes how the update is computed (one raveled vector), not what it is."""
+  c = base.get_config("tiny")
+  rng = np.random.default_rng(0)
+  params = {"conv": {"kernel": rng.normal(size=(3, 3, 4, 8)), "bias": rng.normal(size=8)},
+            "dense": {"kernel": rng.normal(size=(8, 5))}}
+  params = jax.tree.map(lambda a: jax.numpy.asarray(a, np.float32), params)
+  grads = [jax.tree.map(lambda a: jax.numpy.asarray(rng.normal(size=a.shape), np.float32), params)
+           for _ in range(4)]
+  out = {}
+  for flatten in (False, True):
+    tx = model_state.make_optimizer(c.optim[block], c.optim.clip_norm, 10, flatten)
+    p, s = params, tx.init(params)
+    for g in grads:  # large gradients: the global-norm clip acts at every step
+      u, s = jax.jit(tx.update)(g, s, p)
+      p = optax.apply_updates(p, u)
+    out[flatten] = p
+  assert jax.tree.structure(out[True]) == jax.tree.structure(params)
+  moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), out[False], params)
+  assert min(jax.tree.leaves(moved)) > 0
+  # Sums over all parameters (the clip's norm, Prodigy's estimate) add in another order: float32
+  # rounding apart, the same parameters.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               out[False], out[True])
