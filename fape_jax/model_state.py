@@ -270,10 +270,15 @@ def checkpoint_view(state, config):
   return state
 
 
+def sharded_spec(abstract, shardings):
+  """The state's shapes and dtypes, each leaf carrying its sharding (to lower or restore with)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
 def restore_target(abstract, shardings, config):
   """The Orbax restore target: the checkpoint view's shapes, each leaf carrying its sharding."""
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      checkpoint_view(abstract, config), checkpoint_view(shardings, config))
+  return checkpoint_view(sharded_spec(abstract, shardings), config)
 
 
 def merge_restored(state, restored):

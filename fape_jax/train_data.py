@@ -73,6 +73,10 @@ class TrainData:
         task_batches=batching == "task", task_slots=slots)
     return TrainStream(it, start, d.batch_size)
 
+  def example_batch(self) -> dict:
+    """One local batch from the stream's start: every training batch has its shapes and dtypes."""
+    return next(self.train_iterator().iterator)
+
   def eval_batches(self, local_batch: int, limit: int = 0):
     source = self.val if not limit else _Head(self.val, limit)
     return pipeline.eval_dataset(source, self.plans, batch_size=local_batch, split="validation")

@@ -10,6 +10,7 @@ its logging, checkpoints, validation cadence, wall-clock budget and preemption.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -36,18 +37,8 @@ from fape_jax.errors import FapeError
 from fape_jax.models import lpips as lpips_lib
 
 
-def initial_state(config, mesh, ckpt: ckpt_lib.Checkpointer, data: train_data.TrainData):
-  """(state, shardings, models, start step, train stream): where a run starts, first match wins.
-
-  1. this workdir's newest checkpoint (a resumed run; it also restores the data stream, on this
-     process count or another: `Checkpointer.restore_stream`);
-  2. `config.init_from`: a local diffusers folder (base UNet/VAE) or exported adapters;
-  3. scratch: the config's seed.
-  A resume restores straight into the abstract state's shapes and shardings: the seed's state is
-  created (a compiled init program, tens of seconds on a CPU) only when something must come from
-  it: a fresh run, or the frozen base weights that a run from `init_from` does not checkpoint
-  (those are taken from `init_from` again).
-  """
+def check_base_weights(config) -> None:
+  """Refuses adapting a frozen base that would be random weights (before anything is written)."""
   if not (config.train_base_unet or config.init_from or config.get("allow_random_base", False)):
     raise FapeError(
         f"Config {config.get('variant', '?')!r} trains adapters on a frozen base UNet"
@@ -56,9 +47,22 @@ def initial_state(config, mesh, ckpt: ckpt_lib.Checkpointer, data: train_data.Tr
         "e.g. --config.init_from=/models/sd-turbo (downloaded once with `huggingface-cli download "
         "stabilityai/sd-turbo --local-dir /models/sd-turbo`); for smoke tests on random weights "
         "pass --config.allow_random_base=True.")
+
+
+def initial_state(config, mesh, ckpt: ckpt_lib.Checkpointer, data: train_data.TrainData,
+                  abstract, shardings):
+  """(state, start step, train stream): where a run starts, first match wins.
+
+  1. this workdir's newest checkpoint (a resumed run; it also restores the data stream, on this
+     process count or another: `Checkpointer.restore_stream`);
+  2. `config.init_from`: a local diffusers folder (base UNet/VAE) or exported adapters;
+  3. scratch: the config's seed.
+  A resume restores straight into the `abstract` state's shapes and `shardings`: the seed's state is created
+  (a compiled init program, tens of seconds on a CPU) only when something must come from it: a
+  fresh run, or the frozen base weights that a run from `init_from` does not checkpoint (those are
+  taken from `init_from` again).
+  """
   where = f"on a {dict(mesh.shape)} mesh ({jax.device_count()} {jax.default_backend()} devices)"
-  abstract, models = model_state.abstract_state(config)
-  shardings = model_state.state_shardings(abstract, mesh, config)
   start, stream, restored = 0, None, None
   if ckpt.latest_step() is not None:
     distributed.say(f"Restoring the train state from {ckpt.directory} {where}...")
@@ -67,15 +71,15 @@ def initial_state(config, mesh, ckpt: ckpt_lib.Checkpointer, data: train_data.Tr
     logging.info("Resumed from %s at step %d (global example %d).", ckpt.directory, start,
                  stream.examples)
     if "frozen" in restored["gen"]:
-      return restored, shardings, models, int(start), stream
+      return restored, int(start), stream
   distributed.say(f"Creating the train state {where}...")
   state = model_state.init_state(config, shardings)
   # Exported adapters are where a run started; a resumed run has trained them further.
   if config.init_from and not (restored is not None and config.init_from.endswith(".safetensors")):
     state = model_state.init_from_pretrained(state, shardings, config)
   if restored is None:
-    return state, shardings, models, 0, data.train_iterator()
-  return model_state.merge_restored(state, restored), shardings, models, int(start), stream
+    return state, 0, data.train_iterator()
+  return model_state.merge_restored(state, restored), int(start), stream
 
 
 PREEMPTED_EXIT = {"SIGTERM": 143, "SIGINT": 130}  # 128 + signal number, as a killed process
@@ -118,6 +122,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   preflight.check_url(workdir, "--workdir")
   preflight.check_url(config.data.data_dir, "config.data.data_dir", stores=True)
   preflight.check_url(config.plans.store.get("path", ""), "config.plans.store.path", stores=True)
+  check_base_weights(config)
   workdir.mkdir(parents=True, exist_ok=True)
   preflight.check_shared_dir(workdir, "--workdir")
   with run_dir.RunLock(workdir), contextlib.ExitStack() as cleanup:
@@ -136,21 +141,34 @@ def _train(config, workdir: epath.Path, changes: dict, cleanup: contextlib.ExitS
 
   ckpt = cleanup.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
       workdir / "checkpoints", save_every=config.ckpt_every, keep=config.keep_checkpoints)))
-  state, shardings, models, start, train_iter = initial_state(config, mesh, ckpt, data)
-  run_dir.record_config(workdir, config, changes, start)  # restore/evaluate rebuild models from it
-  last_saved = start if start else None
+  abstract, models = model_state.abstract_state(config)
+  shardings = model_state.state_shardings(abstract, mesh, config)
   lpips_model = lpips_lib.maybe_load_lpips(config.lpips.vgg16_path, config.lpips.lin_path)
   step_fn = steps.make_train_step(models, config, shardings, batch_sharding, lpips_model)
   eval_fn = steps.make_eval_step(models, shardings["gen"], batch_sharding)
   to_device = lambda b: shard_lib.global_batch(b, batch_sharding)
+  # Creating the seed's state and compiling the train step are both mostly single-threaded XLA
+  # compiling: the step compiles in a second thread, against the state's shapes, meanwhile (on the
+  # 2-core VM the pair took 47 s + 82 s one after the other).
+  compiling = None
+  if (ckpt.latest_step() or 0) < config.total_steps:
+    batch_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                              to_device(data.example_batch()))
+    pool = concurrent.futures.ThreadPoolExecutor(1, "compile")
+    # No waiting for the compile when the set-up below fails: its error is shown at once.
+    cleanup.callback(pool.shutdown, wait=False)
+    compiling = pool.submit(step_fn.compile, model_state.sharded_spec(abstract, shardings),
+                            batch_spec)
+  state, start, train_iter = initial_state(config, mesh, ckpt, data, abstract, shardings)
+  run_dir.record_config(workdir, config, changes, start)  # restore/evaluate rebuild models from it
+  last_saved = start if start else None
+  if compiling is not None:
+    compiling.result()
   # The wall-clock budget counts everything this invocation did before the final validation:
   # building missing stores, creating the state and compiling, so `make train` keeps its 10 minutes
   # on a fresh, slow machine (it then trains fewer steps; the same command resumes).
   deadline = started + 60 * config.max_wall_minutes if config.max_wall_minutes else None
   batch = None
-  if start < config.total_steps:
-    batch = to_device(next(train_iter))
-    step_fn.compile(state, batch)
 
   preempt = ckpt_lib.PreemptionFlag()
   cleanup.callback(preempt.restore_handlers)

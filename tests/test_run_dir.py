@@ -99,4 +99,4 @@ def test_frozen_base_without_init_from_is_refused_with_the_way_out():
   from fape_jax import train_lib
   c = base.get_config("sd21")
   with pytest.raises(FapeError, match="init_from is empty.*allow_random_base"):
-    train_lib.initial_state(c, mesh=None, ckpt=None, data=None)
+    train_lib.check_base_weights(c)
