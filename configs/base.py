@@ -193,9 +193,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       warmup_steps=0))
   c.optim.clip_norm = 1.0
   # Both optimisers update all parameters as one raveled vector (model_state.make_optimizer): the
-  # same arithmetic in a program half the size, which compiles in ~55 s instead of ~95 s on the
-  # 2-core VM (a tenth of `make train`'s budget). Turn off when trainable parameters are sharded
-  # over fsdp (train_base_unet=True on a mesh with fsdp > 1): the vector is replicated.
+  # same arithmetic in a program less than half the size, which compiles in ~50 s instead of
+  # ~70 s on the 2-core VM (and loads from the cache in 12 s instead of 34 s). Turn off when
+  # trainable parameters are sharded over fsdp (train_base_unet=True on a mesh with fsdp > 1): the
+  # vector is replicated.
   c.optim.flatten = True
   # >0: validation, restore, evaluate and export use an exponential moving average of the
   # generator's trainable weights with this decay (model_state.update_ema); 0: the raw weights.

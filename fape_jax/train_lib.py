@@ -57,10 +57,10 @@ def initial_state(config, mesh, ckpt: ckpt_lib.Checkpointer, data: train_data.Tr
      process count or another: `Checkpointer.restore_stream`);
   2. `config.init_from`: a local diffusers folder (base UNet/VAE) or exported adapters;
   3. scratch: the config's seed.
-  A resume restores straight into the `abstract` state's shapes and `shardings`: the seed's state is created
-  (a compiled init program, tens of seconds on a CPU) only when something must come from it: a
-  fresh run, or the frozen base weights that a run from `init_from` does not checkpoint (those are
-  taken from `init_from` again).
+  A resume restores straight into the `abstract` state's shapes and `shardings`: the seed's state
+  is created (a compiled init program, tens of seconds on a CPU) only when something must come
+  from it: a fresh run, or the frozen base weights that a run from `init_from` does not checkpoint
+  (those are taken from `init_from` again).
   """
   where = f"on a {dict(mesh.shape)} mesh ({jax.device_count()} {jax.default_backend()} devices)"
   start, stream, restored = 0, None, None
@@ -152,13 +152,12 @@ def _train(config, workdir: epath.Path, changes: dict, cleanup: contextlib.ExitS
   # 2-core VM the pair took 47 s + 82 s one after the other).
   compiling = None
   if (ckpt.latest_step() or 0) < config.total_steps:
-    batch_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                              to_device(data.example_batch()))
     pool = concurrent.futures.ThreadPoolExecutor(1, "compile")
     # No waiting for the compile when the set-up below fails: its error is shown at once.
     cleanup.callback(pool.shutdown, wait=False)
+    # Lowering reads only shapes and shardings: any batch of the stream will do.
     compiling = pool.submit(step_fn.compile, model_state.sharded_spec(abstract, shardings),
-                            batch_spec)
+                            to_device(data.example_batch()))
   state, start, train_iter = initial_state(config, mesh, ckpt, data, abstract, shardings)
   run_dir.record_config(workdir, config, changes, start)  # restore/evaluate rebuild models from it
   last_saved = start if start else None
