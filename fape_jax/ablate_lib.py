@@ -39,6 +39,7 @@ from fape_jax.distributed import say
 from fape_jax import errors
 from fape_jax import report_html
 from fape_jax import report_lib
+from fape_jax import run_dir as run_dir_lib
 from fape_jax import tasks as tasks_lib
 from fape_jax.errors import FapeError
 
@@ -121,6 +122,19 @@ def _config_hash(cfg) -> str:
   for field in _BUDGET_FIELDS:
     flat.pop(field, None)
   return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _same_config(vdir: epath.Path, cfg) -> bool:
+  """Whether the run in `vdir` trained `cfg`, up to budgets and fields added to the config since
+  (absent from its config.json and set to the value it ran with: run_dir.ADDED_FIELDS)."""
+  path = vdir / run_dir_lib.CONFIG_FILE
+  if not path.exists():
+    return False
+  changes = run_dir_lib.config_changes(json.loads(path.read_text()),
+                                       json.loads(cfg.to_json_best_effort()))
+  missing = object()
+  return all(k in _BUDGET_FIELDS or (a is None and run_dir_lib.ADDED_FIELDS.get(k, missing) == b)
+             for k, (a, b) in changes.items())
 
 
 def steps_run(vdir: epath.Path) -> int:
@@ -403,6 +417,8 @@ def _run_one(config, workdir: epath.Path, name: str, seed: int, train_fn, evalua
   tag = f"[ablation] {name}/seed_{seed}"
   if result_path.exists():
     prev = json.loads(result_path.read_text())
+    if prev.get("config_hash") != digest and _same_config(vdir, cfg):
+      prev["config_hash"] = digest  # recorded before a field was added, at that field's value
     if prev.get("config_hash") != digest:
       say(f"{tag}: its earlier result is for another config; training it again (it resumes "
           "from its checkpoints when only step counts or budgets changed; any other change is "

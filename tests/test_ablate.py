@@ -144,6 +144,24 @@ def test_runner_trains_each_variant_and_seed_once_at_equal_budget(tmp_path, monk
   again = ablate_lib.run_ablation(cfg, tmp_path, train_fn=must_not_train)
   assert again["rows"] == result["rows"] and again["runs"] == result["runs"]
 
+  # A run recorded before a config field was added (its config.json lacks it, its result has an
+  # older hash) is the same run when the field is at the value it trained with
+  # (run_dir.ADDED_FIELDS); at another value it is another config and trains again.
+  full1 = tmp_path / "full" / "seed_1"
+  trained = json.loads(ablate_lib.run_config(cfg, "full", 1).to_json_best_effort())
+  del trained["optim"]["flatten"]
+  (full1 / "config.json").write_text(json.dumps(trained))
+  old = json.loads((full1 / ablate_lib.RESULT_FILE).read_text())
+  (full1 / ablate_lib.RESULT_FILE).write_text(json.dumps(old | {"config_hash": "before"}))
+  cfg.optim.flatten = False
+  again = ablate_lib.run_ablation(cfg, tmp_path, "full", [1], train_fn=must_not_train)
+  assert again["runs"][0]["table"] == old["table"]
+  (full1 / ablate_lib.RESULT_FILE).write_text(json.dumps(old | {"config_hash": "before"}))
+  cfg.optim.flatten = True
+  seen.clear()
+  ablate_lib.run_ablation(cfg, tmp_path, "full", [1], train_fn=recording_trainer(seen))
+  assert list(seen) == [("full", 1)]
+
   # Checkpoints complete but the result lost (killed in between, or a config field added since):
   # not retrained; the table is training's own final validation (validation.json), the same
   # measurement as every other run's, and only without it is the run validated again.
