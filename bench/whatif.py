@@ -26,6 +26,9 @@ Changes:
                   matmuls; before = the same filter through rfft2/irfft2 ('fft2d').
   attention_deferred (landed) `layers.attend` on CPU: softmax attention that divides by the row
                   sums after the value matmul; before = `jax.nn.dot_product_attention` (XLA).
+  optim_flatten (landed) `optim.flatten=True` (the default): both optimisers (with the gradient
+                  clip) update one raveled vector (`optax.flatten`); before = the same optimisers
+                  per parameter leaf. The same arithmetic in a program less than half the size.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fape_jax import sharding as shard_lib
+from fape_jax import model_state
 from fape_jax.errors import FapeError
 from fape_jax.models import bands
 from fape_jax.models import layers
@@ -160,6 +164,15 @@ def lowpass_fft2d(self: bands.BandFilter, tokens: jax.Array, grid: tuple[int, in
 
 
 _ORIGINAL_LOWPASS = bands.BandFilter.lowpass
+_ORIGINAL_MAKE_OPTIMIZER = model_state.make_optimizer
+
+
+def make_optimizer_per_leaf(cfg, clip_norm: float, total_steps: int, flatten: bool = False):
+  """The optimisers before `optim.flatten`: one update per parameter leaf."""
+  del flatten
+  return _ORIGINAL_MAKE_OPTIMIZER(cfg, clip_norm, total_steps, False)
+
+
 # name -> (landed, [(owner, attribute, replacement), ...]).
 CHANGES = {
     "lowpass_matmul": (False, [(bands.BandFilter, "lowpass", lowpass_matmul)]),
@@ -167,6 +180,7 @@ CHANGES = {
                                  (unet, "group_norm", group_norm_fused)]),
     "band_grid2d": (True, [(bands.BandFilter, "lowpass", lowpass_fft2d)]),
     "attention_deferred": (True, [(layers, "attend", attend_dot_product)]),
+    "optim_flatten": (True, [(model_state, "make_optimizer", make_optimizer_per_leaf)]),
 }
 
 

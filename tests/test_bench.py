@@ -121,6 +121,23 @@ def test_whatif_change_is_undone_after_tracing():
   assert bands.BandFilter.lowpass is original
 
 
+def test_whatif_optim_flatten_before_is_the_per_leaf_optimiser():
+  """The landed change's 'before' side: the config asks for a flattened optimiser, the patched
+  builder gives per-leaf states (one moment per parameter), and the library's is restored."""
+  from fape_jax import model_state  # pylint: disable=g-import-not-at-top
+  cfg = base_config.get_config("tiny")
+  assert cfg.optim.flatten
+  params = {"a": jnp.ones((3, 2)), "b": jnp.ones((4,))}
+  def moments(tx):
+    return sorted(x.shape for x in jax.tree.leaves(tx.init(params)) if x.size > 1)
+  flat = model_state.make_optimizer(cfg.optim.d, 1.0, 10, True)
+  assert moments(flat) == [(10,), (10,)]
+  with whatif.applied("optim_flatten"):
+    per_leaf = model_state.make_optimizer(cfg.optim.d, 1.0, 10, True)
+  assert moments(per_leaf) == [(3, 2), (3, 2), (4,), (4,)]
+  assert model_state.make_optimizer is whatif._ORIGINAL_MAKE_OPTIMIZER
+
+
 @pytest.fixture(scope="module")
 def tiny():
   return base_config.get_config("tiny")
