@@ -21,6 +21,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
 import measure  # noqa: E402
+import recipe_pairs  # noqa: E402
 import xla_profile  # noqa: E402
 
 
@@ -77,6 +78,23 @@ def test_hlo_index_reads_opcode_shape_and_source():
 
 
 # --------------------------------------------------------------------------------------------
+def test_recipe_pairs_are_read_back_by_each_task_layout(tmp_path):
+  """Every folder bench/recipe_pairs.py writes is a benchmark `evaluate --data` reads: each
+  layout finds all its pairs, as the right task, each degraded file beside its clean photo."""
+  from fape_jax.data import builders  # pylint: disable=g-import-not-at-top
+  from fape_jax.data import corpus  # pylint: disable=g-import-not-at-top
+  counts = recipe_pairs.write(str(tmp_path), "train", variants=2, size=32, corpus_spec="embedded")
+  n = 2 * len(corpus.split("validation", "embedded"))
+  assert n and counts == dict.fromkeys(recipe_pairs.LAYOUT, n)
+  for task, layout in recipe_pairs.LAYOUT.items():
+    found = builders.find_pairs(layout, tmp_path / task)
+    assert list(found) == ["test"] and len(found["test"]) == n, task
+    assert {p.task for p in found["test"]} == {task}
+    assert all(os.path.exists(p.degraded) and os.path.exists(p.clean) for p in found["test"])
+  flags = recipe_pairs.data_flags(str(tmp_path))
+  assert f"--data=gopro:{tmp_path / 'deblur'}" in flags and len(flags) == len(recipe_pairs.LAYOUT)
+
+
 # The PyTorch reference is the same model as fape_jax's.
 
 torch = pytest.importorskip("torch")
