@@ -343,6 +343,39 @@ def test_mismatched_pair_is_named_or_skipped(tmp_path):
   assert images.check_pair(lr, _img(1, 32, 32), "lr.png", "hr.png", allow_scale=True) == 4
 
 
+def test_a_folder_store_is_never_reused_for_other_files(tmp_path, caplog):
+  """The same benchmark name from another folder, or from the same folder after an edit, is
+  refused (evaluate with two --data=gopro:... folders and one data_dir silently scored the
+  first folder's images twice); the same files, also moved elsewhere, reuse the store."""
+  a, b, data = tmp_path / "a", tmp_path / "b", tmp_path / "data"
+  _rain_folder(a)
+  _write_pairs(b, [(f"input/{i}.png", f"target/{i}.png") for i in range(2)])
+  _write(b, "input/1.png", _img(42))  # same names and count, other degraded pixels
+  store = pairs.prepare_folder(data, "rain100l", a)
+  built = json.loads(open(os.path.join(store, pairs.SOURCE_FILE)).read())
+  assert built["pairs"] == {"test": 2} and built["files"] == 4
+  before = _all(pairs.open_pairs(data, "rain100l", "test"))
+  assert pairs.prepare_folder(data, "rain100l", a) == store  # the same files: reused
+  with pytest.raises(FapeError, match=r"built from .*/a \(4 files\), but .*/b holds other files"):
+    pairs.prepare_folder(data, "rain100l", b)
+  _write(a, "input/2.png", _img(2))
+  _write(a, "target/2.png", _img(2))
+  with pytest.raises(FapeError, match="Nothing was changed"):
+    pairs.prepare_folder(data, "rain100l", a)
+  after = _all(pairs.open_pairs(data, "rain100l", "test"))
+  assert [r["id"] for r in after] == [r["id"] for r in before]  # the store is untouched
+  pairs.prepare_folder(tmp_path / "other", "rain100l", b)  # another data_dir: its own store
+  assert len(pairs.open_pairs(tmp_path / "other", "rain100l", "test")) == 2
+  # Moved with its modification times kept: the same files.
+  shutil.copytree(b, tmp_path / "moved", copy_function=shutil.copy2)
+  pairs.prepare_folder(tmp_path / "other", "rain100l", tmp_path / "moved")
+  # A store built before sources were recorded is reused with a warning that says how to rebuild.
+  os.remove(os.path.join(store, pairs.SOURCE_FILE))
+  with caplog.at_level(logging.WARNING):
+    assert pairs.prepare_folder(data, "rain100l", a) == store
+  assert "predates recorded sources" in caplog.text
+
+
 def test_missing_partner_empty_and_absent_folders(tmp_path):
   root = tmp_path / "raw"
   _rain_folder(root)

@@ -14,13 +14,18 @@ Stores live in `data_dir/synthetic_pairs/<config name>/<recipe>.0.0` (recipe =
 degrade.RECIPE_VERSION) and `data_dir/paired_folders/<name>/1.0.0`. A synthetic store is never
 reused across synthesis recipes: a new recipe builds its own folder (an older one is left alone,
 with a warning), and a store whose recorded recipe (metadata.json) is not this code's is refused
-with a FapeError that says to delete and rebuild it. Building is not coordinated across processes:
+with a FapeError that says to delete and rebuild it. A folder store records the files it was
+built from (`SOURCE_FILE`: names, sizes and modification times of every pair found); preparing it
+again from another folder, or from the same folder with files added, removed or changed, is
+refused with a FapeError instead of silently reading the old images. Building is not coordinated
+across processes:
 on several hosts, prepare on process 0 (or before launching) and let the others open the finished
 store after a barrier.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -148,19 +153,64 @@ def prepare_synthetic(data_dir: str | os.PathLike, config: Any = None, *,
   return os.fspath(b.data_dir)
 
 
+SOURCE_FILE = "fape_source.json"  # in a folder store: the files it was built from
+
+
+def folder_source(name: str, manual_dir: str | os.PathLike, *, skip_bad: bool = False) -> dict:
+  """What a folder store of benchmark `name` built from `manual_dir` would hold: the folder, the
+  pairs per split and a digest of every pair file's relative path, size and modification time
+  (a listing and a stat per file: no image is read)."""
+  root = os.fspath(manual_dir)
+  found = builders.find_pairs(name, root, skip_bad=skip_bad)  # clear errors for a bad folder
+  files = sorted({f for specs in found.values() for spec in specs
+                  for f in (spec.degraded, spec.clean) if f})
+  digest = hashlib.sha256()
+  for f in files:
+    st = os.stat(f)
+    digest.update(f"{os.path.relpath(f, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+  return {"folder": os.path.realpath(root), "pairs": {k: len(v) for k, v in found.items()},
+          "files": len(files), "sha256": digest.hexdigest()}
+
+
+def _check_source(b, name: str, source: dict) -> None:
+  """Refuses a folder store built from other files than `source` lists (never reused silently)."""
+  path = os.path.join(os.fspath(b.data_dir), SOURCE_FILE)
+  if not os.path.exists(path):
+    logging.warning("The %s pairs store in %s predates recorded sources: it is reused as it is. If "
+                    "%s changed since it was built, delete the store to rebuild it.", name,
+                    b.data_dir, source["folder"])
+    return
+  with open(path, encoding="utf-8") as f:
+    built = json.load(f)
+  if built.get("sha256") != source["sha256"]:
+    raise FapeError(
+        f"The {name} pairs store in {b.data_dir} was built from {built.get('folder')} "
+        f"({built.get('files')} files), but {source['folder']} holds other files ({source['files']}; "
+        "another folder, or files added, removed or changed since). Nothing was changed. Point "
+        "config.data.data_dir (evaluate: --data_dir) at another folder to build a store for this "
+        "one, or delete the store to rebuild it there.")
+
+
 def prepare_folder(data_dir: str | os.PathLike, name: str, manual_dir: str | os.PathLike, *,
                    skip_bad: bool = False) -> str:
-  """Builds the store of benchmark `name` from `manual_dir` unless it exists; returns its folder."""
+  """Builds the store of benchmark `name` from `manual_dir` unless it exists; returns its folder.
+
+  An existing store is used only if it was built from the same files (`folder_source`).
+  """
   b = _builder(os.fspath(data_dir), name, skip_bad=skip_bad)
-  if not b.is_prepared():
-    builders.find_pairs(name, os.fspath(manual_dir), skip_bad=skip_bad)  # clear errors first
-    logging.info("Building the %s pairs store from %s into %s.", name, manual_dir, b.data_dir)
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=os.fspath(manual_dir)))
-    if b.skipped:
-      logging.warning("Skipped %d bad file(s) or pair(s) of %s (data.skip_bad=True); the %s "
-                      "store in %s holds the others. First: %s", len(b.skipped), manual_dir, name,
-                      b.data_dir, b.skipped[0])
+  source = folder_source(name, manual_dir, skip_bad=skip_bad)
+  if b.is_prepared():
+    _check_source(b, name, source)
+    return os.fspath(b.data_dir)
+  logging.info("Building the %s pairs store from %s into %s.", name, manual_dir, b.data_dir)
+  b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=os.fspath(manual_dir)))
+  if b.skipped:
+    logging.warning("Skipped %d bad file(s) or pair(s) of %s (data.skip_bad=True); the %s "
+                    "store in %s holds the others. First: %s", len(b.skipped), manual_dir, name,
+                    b.data_dir, b.skipped[0])
+  with open(os.path.join(os.fspath(b.data_dir), SOURCE_FILE), "w", encoding="utf-8") as f:
+    json.dump(source, f, indent=2)
   return os.fspath(b.data_dir)
 
 
