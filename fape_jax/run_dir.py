@@ -53,9 +53,12 @@ ADDED_FIELDS = {"optim.ema_decay": 0.0, "optim.g.estim_lr0": 1e-6, "optim.flatte
 
 
 def config_changes(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
-  """{dotted field: (old, new)} for every field that differs (missing = None)."""
+  """{dotted field: (old, new)} for every field that differs (missing = None); a field absent
+  from `old` and at its ADDED_FIELDS value in `new` is what the old run did, so no change."""
   a, b = distributed.flatten_dotted(old), distributed.flatten_dotted(new)
-  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+  missing = object()
+  return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+          and not (k not in a and ADDED_FIELDS.get(k, missing) == b.get(k))}
 
 
 def _config_json(config) -> str:
@@ -81,8 +84,6 @@ def check_resume(workdir: epath.Path, config) -> dict[str, tuple[Any, Any]]:
     raise FapeError(f"{path} is not valid JSON ({e}); this run directory was not written by "
                     "fape_jax.train. Use another --workdir.") from None
   changes = config_changes(old, json.loads(_config_json(config)))
-  changes = {k: (a, b) for k, (a, b) in changes.items()
-             if not (a is None and k in ADDED_FIELDS and b == ADDED_FIELDS[k])}
   per_shard = {k for k, f in PER_SHARD.items()
                if distributed.flatten_dotted(old).get(f) and config.data.get(f.split(".")[1])}
   refused = {k: v for k, v in changes.items() if k not in RESUMABLE | per_shard}
